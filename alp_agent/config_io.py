@@ -1,0 +1,96 @@
+"""Loading pydantic run configs from YAML with `dotted.key=value` overrides, and turning mistakes into one line.
+
+Kept apart from the config models themselves so every package's config (sandbox, env, rollout, algo) can be
+embedded in the run config without knowing about YAML.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A user-caused config problem; the message is one line saying what to fix."""
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'algo.sigma0=0.01' -> (['algo', 'sigma0'], 0.01). The value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each dotted key in a nested dict (creating sub-dicts); validation later rejects unknown keys."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    """One line per problem, each naming the key's dotted path, e.g. `algo.sigma0: Input should be > 0`."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        msg = "unknown key (check spelling; see configs/ for the valid keys)" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def validate(model_cls: type[M], data: dict, source: str = "config") -> M:
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_config(model_cls: type[M], path: str | Path | None = None, overrides: list[str] | None = None) -> M:
+    """Read YAML (optional), apply overrides, validate into `model_cls`. Raises ConfigError with one clear line."""
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, overrides or [])
+    return validate(model_cls, data, str(path) if path else "config")
+
+
+def dump_config(cfg: BaseModel, path: str | Path) -> None:
+    """Write the fully resolved config (all defaults filled in) so a run directory says exactly what ran."""
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
