@@ -1,0 +1,173 @@
+"""ALP and every baseline as pure functions of (B, T) tensors; read against alp.md "Ratio" and "Loss".
+
+Notation (alp.md): logp = l_t (training logprob, perturbed for ALP), infer = l^inf_t (engine logprob, mu),
+old = pi_{theta_old} logprob recomputed by the trainer without noise, mask = m_t, adv = A broadcast to tokens.
+All functions take right-padded (B, T) tensors; masked positions may hold anything finite.
+
+Aggregation is split from the per-token loss so the trainer can normalise by the *mini-batch* token count while
+accumulating gradients over micro-batches: `aggregate(..., denom=...)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+# ---------------------------------------------------------------- ratios
+def log_ratio(logp: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, level: str, clamp: float = 20.0) -> torch.Tensor:
+    """log rho_t of logp against base (infer logprobs for ALP/Bypass, old logprobs for GRPO-family).
+
+    token:        log rho_t = d_t,                       d_t = logp_t - base_t
+    sequence:     log rho_t = sg(S) + logp_t - sg(logp_t),   S = sum_t m_t d_t
+    geo_sequence: same with S = sum_t m_t d_t / sum_t m_t   (GSPO's geometric mean)
+    then clamp to [-clamp, clamp] (before exp; reference 20).
+    The sequence form has value S on every token and gradient d/dtheta logp_t, so the per-token loss
+    -A exp(S) grad(logp_t) sums to the sequence-level policy gradient (checked in tests).
+    """
+    m = mask.to(logp.dtype)
+    d = (logp - base) * m
+    if level == "token":
+        lr = d
+    elif level in ("sequence", "geo_sequence"):
+        s = d.sum(-1, keepdim=True)
+        if level == "geo_sequence":
+            s = s / m.sum(-1, keepdim=True).clamp(min=1.0)
+        lr = s.detach() + logp - logp.detach()
+    else:
+        raise ValueError(f"unknown ratio level {level!r}")
+    return lr.clamp(-clamp, clamp)
+
+
+def sequence_log_ratio(logp: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, geometric: bool = False) -> torch.Tensor:
+    """(B,) sum (or mean if geometric) of m_t (logp_t - base_t); for metrics and sequence-level IS weights."""
+    m = mask.to(logp.dtype)
+    s = ((logp - base) * m).sum(-1)
+    return s / m.sum(-1).clamp(min=1.0) if geometric else s
+
+
+# ---------------------------------------------------------------- the clipped objective
+@dataclass
+class PGTerms:
+    loss: torch.Tensor  # (B, T) per-token loss l_t (unmasked; aggregate with the mask)
+    ratio: torch.Tensor  # (B, T) rho_t (detached)
+    clip_upper: torch.Tensor  # (B, T) bool: the clipped branch was taken with rho > 1 + eps_high
+    clip_lower: torch.Tensor  # (B, T) bool: ... with rho < 1 - eps_low
+    clip_dual: torch.Tensor  # (B, T) bool: A < 0 and the dual clip -A c was taken
+
+
+def ppo_clip(
+    log_rho: torch.Tensor,
+    adv: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float | None = None,
+    is_weight: torch.Tensor | None = None,
+) -> PGTerms:
+    """l_t = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)); if A < 0: l_t = min(l_t, -A c).
+
+    is_weight (TIS): a detached per-token factor multiplying l_t (the truncated pi_old/mu weight).
+    """
+    rho = torch.exp(log_rho)
+    l1 = -adv * rho
+    l2 = -adv * rho.clamp(1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.maximum(l1, l2)
+    clipped = l2 > l1
+    r = rho.detach()
+    clip_upper = clipped & (r > 1.0 + eps_high)
+    clip_lower = clipped & (r < 1.0 - eps_low)
+    clip_dual = torch.zeros_like(clipped)
+    if dual_clip is not None:
+        l3 = -adv * dual_clip
+        neg = adv < 0
+        clip_dual = neg & (loss > l3)
+        loss = torch.where(neg, torch.minimum(loss, l3), loss)
+    if is_weight is not None:
+        loss = loss * is_weight.detach()
+    return PGTerms(loss, r, clip_upper, clip_lower, clip_dual)
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean", denom: float | None = None) -> torch.Tensor:
+    """token_mean: sum_t m_t v_t / sum m (alp.md); seq_mean: mean over sequences of per-sequence token means.
+
+    denom overrides the normaliser (total valid tokens, or number of sequences, of the whole mini-batch) so that
+    micro-batch losses add up to the mini-batch loss under gradient accumulation.
+    """
+    m = mask.to(values.dtype)
+    if mode == "token_mean":
+        total = (values * m).sum()
+        return total / (denom if denom is not None else m.sum().clamp(min=1.0))
+    if mode == "seq_mean":
+        per_seq = (values * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+        return per_seq.sum() / (denom if denom is not None else max(per_seq.numel(), 1))
+    raise ValueError(f"unknown loss_agg {mode!r}")
+
+
+# ---------------------------------------------------------------- baselines' corrections (TIS / MIS)
+def is_log_weight(old: torch.Tensor, infer: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """log(pi_old / mu) per token (token level) or per sequence broadcast to its tokens (sequence level)."""
+    m = mask.to(old.dtype)
+    d = (old - infer) * m
+    return d if level == "token" else d.sum(-1, keepdim=True).expand_as(d)
+
+
+def tis_weight(old: torch.Tensor, infer: torch.Tensor, mask: torch.Tensor, level: str, c: float) -> torch.Tensor:
+    """TIS: min(pi_old / mu, C), detached (log clamped at 20 like the ratio, to stay finite)."""
+    return torch.exp(is_log_weight(old, infer, mask, level).clamp(max=20.0)).clamp(max=c).detach()
+
+
+def mis_mask(old: torch.Tensor, infer: torch.Tensor, mask: torch.Tensor, level: str, c: float) -> torch.Tensor:
+    """MIS: keep tokens (or whole sequences) whose pi_old / mu lies in [1/C, C]; returns the new loss mask."""
+    lw = is_log_weight(old, infer, mask, level)
+    keep = (lw >= -torch.log(torch.tensor(c))) & (lw <= torch.log(torch.tensor(c)))
+    return mask.bool() & keep
+
+
+# ---------------------------------------------------------------- regularisers (all off by default)
+def kl_penalty(logp: torch.Tensor, ref: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token KL(pi || ref) estimators on sampled tokens: k1 = logp - ref; k3 = exp(ref - logp) - (ref - logp) - 1."""
+    if kind == "k1":
+        return logp - ref
+    if kind == "k3":
+        x = (ref - logp).clamp(-20.0, 20.0)
+        return torch.exp(x) - x - 1.0
+    raise ValueError(f"unknown kl type {kind!r}")
+
+
+# ---------------------------------------------------------------- one entry point for every algorithm
+def policy_loss(
+    name: str,
+    logp: torch.Tensor,
+    infer: torch.Tensor,
+    mask: torch.Tensor,
+    adv: torch.Tensor,
+    *,
+    level: str,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float | None,
+    old: torch.Tensor | None = None,
+    log_ratio_clamp: float = 20.0,
+    is_level: str = "token",
+    is_threshold: float = 2.0,
+) -> tuple[PGTerms, torch.Tensor]:
+    """Per-token PG terms for `name` and the (possibly reduced, MIS) loss mask. adv is (B, T) or (B, 1).
+
+    alp / bypass: rho vs infer (alp's logp comes from the perturbed forward; that is the only difference).
+    grpo / gspo:  rho vs old (gspo: level geo_sequence and the tiny clip range, set by the config).
+    tis:          rho vs old, loss x min(pi_old/mu, C).
+    mis:          rho vs old, tokens/sequences with pi_old/mu outside [1/C, C] dropped from the mask.
+    """
+    adv = adv.expand_as(logp) if adv.shape != logp.shape else adv
+    if name in ("alp", "bypass"):
+        base = infer
+    else:
+        if old is None:
+            raise ValueError(f"algorithm {name!r} needs old logprobs recomputed by the trainer")
+        base = old
+    if name == "mis":
+        mask = mis_mask(old, infer, mask, is_level, is_threshold)
+    w = tis_weight(old, infer, mask, is_level, is_threshold) if name == "tis" else None
+    lr = log_ratio(logp, base, mask, level, log_ratio_clamp)
+    return ppo_clip(lr, adv, eps_low, eps_high, dual_clip, w), mask

@@ -1,0 +1,235 @@
+"""ALP's layerwise perturbation (alp.md "Exact definition"): h_l <- h_l + sigma_l * eps_l on the residual stream
+entering each perturbed decoder layer, sigma_l = exp(s_l), eps_l ~ N(0, I) over (batch, position, hidden).
+
+How it maps to the spec:
+- **Where**: a forward pre-hook on each decoder layer replaces the layer's input hidden state *before* the layer
+  runs, i.e. before its input RMSNorm; HF layers add their input back as the residual, so the noise propagates down
+  the stream exactly as in the paper. The layer stack is found generically (no per-architecture code).
+- **s_l**: one scalar per perturbed layer in `LayerPerturbation.log_sigma` (nn.Parameter when learnable, buffer when
+  fixed). The module is *not* a child of the model, so the s_l are never in `model.state_dict()`, never sent to
+  vLLM and never exported.
+- **When**: only inside `with perturber.active(step, micro)` *and* with the model in train mode. Rollout, reference,
+  evaluation and old-logprob forwards run outside it and are clean.
+- **Which eps**: eps depends only on (seed, step, micro-batch, layer), so activation-checkpoint recomputation and
+  reruns draw the same noise. The backward pass of checkpointed layers re-enters the hook, so `backward()` must be
+  called inside the same `active()` block (the trainer does).
+- **Memory**: `_AddNoise` does not save eps for backward; it regenerates it from its seed (dL/dh = identity,
+  dL/ds_l = sum(g * sigma_l * eps)), so ALP keeps no extra activation per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+_MASK = (1 << 63) - 1
+
+
+def noise_seed(base: int, step: int, micro: int, layer: int) -> int:
+    """A 63-bit seed from (base, step, micro, layer): a splitmix-style mix so nearby tuples give unrelated streams."""
+    x = 0
+    for v in (base, step, micro, layer):
+        x = (x * 0x9E3779B97F4A7C15 + (v & _MASK) + 0x632BE59BD9B4E019) & _MASK
+        x ^= x >> 31
+    return x
+
+
+def gaussian(shape: torch.Size, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise that depends only on (shape, seed, device type): drawn in float32, then cast."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+
+class _AddNoise(torch.autograd.Function):
+    """y = h + exp(s) * scale * eps(seed), with eps regenerated in backward instead of saved.
+
+    scale is 1 (absolute sigma, the paper) or the detached per-token RMS of h (scale-aware option): a (..., 1) tensor,
+    small next to h. Gradients: dy/dh = I (the scale is treated as a constant), dL/ds = sum(g * exp(s) * scale * eps).
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, log_sigma: torch.Tensor, scale: torch.Tensor | None, seed: int) -> torch.Tensor:
+        eps = gaussian(h.shape, seed, h.device, torch.float32)
+        sigma = log_sigma.float().exp()
+        noise = sigma * eps if scale is None else sigma * scale.float() * eps
+        ctx.seed, ctx.shape, ctx.has_scale = seed, h.shape, scale is not None
+        ctx.save_for_backward(log_sigma, scale if scale is not None else log_sigma.new_empty(0))
+        return h + noise.to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        log_sigma, scale = ctx.saved_tensors
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            eps = gaussian(ctx.shape, ctx.seed, g.device, torch.float32)
+            ge = g.float() * eps
+            if ctx.has_scale:
+                ge = ge * scale.float()
+            grad_s = (ge.sum() * log_sigma.float().exp()).to(log_sigma.dtype)
+        return g, grad_s, None, None
+
+
+def add_noise(h: torch.Tensor, log_sigma: torch.Tensor, seed: int, scale_aware: bool = False) -> torch.Tensor:
+    """h + exp(log_sigma) * [RMS(h)] * eps(seed); memory-light (eps regenerated in backward)."""
+    scale = h.detach().float().pow(2).mean(-1, keepdim=True).sqrt() if scale_aware else None
+    return _AddNoise.apply(h, log_sigma, scale, seed)
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer stack of any HF causal LM: the usual `model.model.layers`, else the longest ModuleList of
+    identical blocks (length num_hidden_layers when the config says so). Raises if none is found."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers"):
+        obj: object = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return obj
+    n_cfg = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    best: nn.ModuleList | None = None
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1:
+            if n_cfg is not None and len(mod) == n_cfg:
+                return mod
+            if best is None or len(mod) > len(best):
+                best = mod
+    if best is None:
+        raise ValueError(f"could not find the decoder layer stack of {type(model).__name__}")
+    return best
+
+
+def select_layers(spec: str, n: int) -> list[int]:
+    """'all' | 'early' | 'middle' | 'late' | 'A:B' | '0,3,5' -> sorted layer indices in [0, n).
+
+    Thirds: early = [0, n//3), middle = [n//3, 2n//3), late = [2n//3, n). (Choice: the paper's 28-layer ablation
+    used 6-layer windows, 0-5 / 12-17 / 23-27; use 'A:B' to reproduce those exactly.)"""
+    s = spec.strip().lower()
+    if s == "all":
+        idx = list(range(n))
+    elif s in ("early", "middle", "late"):
+        a, b = {"early": (0, n // 3), "middle": (n // 3, 2 * n // 3), "late": (2 * n // 3, n)}[s]
+        idx = list(range(a, b))
+    elif ":" in s:
+        a, b = s.split(":")
+        idx = list(range(n))[slice(int(a) if a else None, int(b) if b else None)]
+    else:
+        idx = sorted({int(x) for x in s.split(",") if x.strip()})
+    if not idx or any(i < 0 or i >= n for i in idx):
+        raise ValueError(f"perturb.layers={spec!r} selects no valid layer of a {n}-layer model")
+    return idx
+
+
+class LayerPerturbation(nn.Module):
+    """Holds the log-sigmas and the hooks. Attach once; toggle noise with `active(step, micro)`.
+
+    target='layers': one s_l per selected layer, pre-hook on the layer. target='logits': one s on the lm_head output.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: str = "all",
+        sigma0: float = 1e-3,
+        learnable: bool = True,
+        target: str = "layers",
+        scale_aware: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.target, self.scale_aware, self.seed = target, scale_aware, seed
+        stack = find_decoder_layers(model)
+        if target == "layers":
+            self.layer_ids = select_layers(layers, len(stack))
+            modules = [stack[i] for i in self.layer_ids]
+        elif target == "logits":
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            if head is None:
+                raise ValueError("logits-only perturbation needs a model with get_output_embeddings()")
+            self.layer_ids = [len(stack)]  # seed slot after the last layer
+            modules = [head]
+        else:
+            raise ValueError(f"unknown perturbation target {target!r}")
+        init = torch.full((len(modules),), math.log(sigma0), dtype=torch.float32)
+        if learnable:
+            self.log_sigma = nn.Parameter(init)
+        else:
+            self.register_buffer("log_sigma", init)
+        self._state: tuple[int, int] | None = None  # (step, micro) while active
+        self._handles = []
+        for k, mod in enumerate(modules):
+            if target == "layers":
+                h = mod.register_forward_pre_hook(self._make_pre_hook(k), with_kwargs=True)
+            else:
+                h = mod.register_forward_hook(self._make_post_hook(k))
+            self._handles.append(h)
+
+    # ---- hooks ----
+    def _on(self, module: nn.Module) -> bool:
+        return self._state is not None and module.training
+
+    def _seed(self, k: int) -> int:
+        step, micro = self._state  # type: ignore[misc]
+        return noise_seed(self.seed, step, micro, self.layer_ids[k])
+
+    def _make_pre_hook(self, k: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            if not self._on(module):
+                return None
+            # transformers 5.x calls decoder layers with hidden_states positional; accept the kwarg form too.
+            if args:
+                h = add_noise(args[0], self.log_sigma[k], self._seed(k), self.scale_aware)
+                return (h, *args[1:]), kwargs
+            h = add_noise(kwargs["hidden_states"], self.log_sigma[k], self._seed(k), self.scale_aware)
+            return args, {**kwargs, "hidden_states": h}
+
+        return hook
+
+    def _make_post_hook(self, k: int):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor):
+            if not self._on(module):
+                return None
+            return add_noise(out, self.log_sigma[k], self._seed(k), self.scale_aware)
+
+        return hook
+
+    # ---- public ----
+    @contextlib.contextmanager
+    def active(self, step: int, micro: int) -> Iterator[None]:
+        """Noise on for training forwards (and their backward, for checkpoint recompute) inside this block."""
+        prev, self._state = self._state, (int(step), int(micro))
+        try:
+            yield
+        finally:
+            self._state = prev
+
+    @property
+    def is_active(self) -> bool:
+        return self._state is not None
+
+    def sigmas(self) -> torch.Tensor:
+        return self.log_sigma.detach().exp()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def sigma_penalty(log_sigma: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """Optional penalty alpha*sigma^2 - beta*log sigma^2 summed over layers (a dev version of the paper; off by default)."""
+    return (alpha * torch.exp(2 * log_sigma) - beta * 2 * log_sigma).sum()
+
+
+def build_perturbation(model: nn.Module, cfg) -> LayerPerturbation | None:
+    """From an AlgoConfig: the attached perturbation, or None when noise is off (Bypass and the baselines)."""
+    if not cfg.noise_on:
+        return None
+    p = cfg.perturb
+    sigma0 = (p.logits_sigma0 or p.sigma0) if p.target == "logits" else p.sigma0
+    return LayerPerturbation(model, p.layers, sigma0, p.learnable, p.target, p.scale_aware, p.seed)

@@ -1,0 +1,54 @@
+"""Summary statistics for the trainer's metrics (alp.md "Metrics every training step must log").
+
+Everything returns plain floats keyed by name, so one writer (alp_agent.logging) can send them to JSONL/TensorBoard.
+"""
+
+from __future__ import annotations
+
+import torch
+
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
+_MAX_QUANTILE_N = 1 << 22  # torch.quantile refuses huge inputs; subsample deterministically above this
+
+
+def _qname(q: float) -> str:
+    return f"p{q * 100:g}".replace(".", "_")
+
+
+def summarize(x: torch.Tensor, prefix: str, quantiles: tuple[float, ...] = QUANTILES) -> dict[str, float]:
+    """mean, std, min, max and quantiles of a 1-D tensor (float64). Empty input gives no keys."""
+    x = x.detach().flatten().double()
+    x = x[torch.isfinite(x)]
+    if x.numel() == 0:
+        return {}
+    out = {
+        f"{prefix}/mean": float(x.mean()),
+        f"{prefix}/std": float(x.std()) if x.numel() > 1 else 0.0,
+        f"{prefix}/min": float(x.min()),
+        f"{prefix}/max": float(x.max()),
+    }
+    xs = x if x.numel() <= _MAX_QUANTILE_N else x[torch.linspace(0, x.numel() - 1, _MAX_QUANTILE_N).long()]
+    qs = torch.quantile(xs, torch.tensor(quantiles, dtype=torch.float64))
+    for q, v in zip(quantiles, qs.tolist()):
+        out[f"{prefix}/{_qname(q)}"] = v
+    return out
+
+
+def kl_stats(logp: torch.Tensor, ref: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Token-mean k1 and k3 estimates of KL(pi_logp || pi_ref) over already-masked 1-D tensors of sampled tokens.
+
+    k1 = mean(logp - ref) is unbiased but noisy; k3 = mean(exp(ref-logp) - (ref-logp) - 1) >= 0 per token.
+    """
+    if logp.numel() == 0:
+        return {}
+    x = (ref.double() - logp.double()).clamp(-20, 20)
+    return {f"{prefix}/k1": float((-x).mean()), f"{prefix}/k3": float((x.exp() - x - 1).mean())}
+
+
+def mean_over(values: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean of several metric dicts (keys missing in some dicts are averaged over those that have them)."""
+    acc: dict[str, list[float]] = {}
+    for d in values:
+        for k, v in d.items():
+            acc.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in acc.items()}
