@@ -55,10 +55,11 @@ class Session(abc.ABC):
     def run(self, code: str, timeout: float | None = None) -> ExecResult: ...
 
     async def arun(self, code: str, timeout: float | None = None) -> ExecResult:
-        """Async variant; default runs the blocking call in a worker thread."""
-        import asyncio
+        """Async variant: the blocking call runs on the sandbox's wide executor (a call mostly waits on a pipe),
+        not asyncio's default one, which has only cores+4 threads and would let a few slow cells block the rest."""
+        from sandbox.pool import to_thread
 
-        return await asyncio.to_thread(self.run, code, timeout)
+        return await to_thread(self.run, code, timeout)
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -78,6 +79,12 @@ class Sandbox(abc.ABC):
 
     @abc.abstractmethod
     def session(self) -> Session: ...
+
+    def asession(self):
+        """`async with sandbox.asession() as s: await s.arun(code)`; waits for a free slot off the event loop."""
+        from sandbox.pool import asession
+
+        return asession(self)
 
     @abc.abstractmethod
     def close(self) -> None: ...
