@@ -1,0 +1,66 @@
+"""Fixtures: one sandbox per backend per test module (starting them is the slow part), plus leak checks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sandbox import SandboxConfig
+from sandbox.docker import docker_unavailable_reason
+
+SECRET_NAME, SECRET_VALUE = "ALP_TEST_HOST_SECRET", "hunter2-do-not-leak"
+os.environ[SECRET_NAME] = SECRET_VALUE  # set before any sandbox starts: it must never be visible inside
+
+TEST_CONFIG = dict(timeout_s=10, memory_mb=256, max_processes=16, max_output_bytes=4096, pool_size=2, cpu_s=20)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (via /proc ppid links)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _make(backend: str):
+    if backend == "docker":
+        reason = docker_unavailable_reason()
+        if reason:
+            pytest.skip(f"docker backend: {reason}")
+        from sandbox.docker import DockerSandbox
+
+        return DockerSandbox(SandboxConfig(backend="docker", **TEST_CONFIG))
+    from sandbox.local import LocalSandbox
+
+    return LocalSandbox(SandboxConfig(backend="local", **TEST_CONFIG))
+
+
+BACKENDS = [pytest.param("local"), pytest.param("docker", marks=pytest.mark.docker)]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def sb(request):
+    box = _make(request.param)
+    box.backend = request.param
+    yield box
+    box.close()
+
+
+@pytest.fixture
+def session(sb):
+    with sb.session() as s:
+        yield s
