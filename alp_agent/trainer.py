@@ -248,7 +248,7 @@ class Trainer:
             pen = sigma_penalty(self.perturbation.log_sigma, a.perturb.sigma_penalty_alpha, a.perturb.sigma_penalty_beta)
             if pen.requires_grad:
                 pen.backward()
-            m["loss/sigma_penalty"] = float(pen)
+            m["loss/sigma_penalty"] = float(pen.detach())
         policy_params = self.optimizer.param_groups[0]["params"]
         gn = float(torch.nn.utils.clip_grad_norm_(policy_params, self.cfg.optim.grad_clip))
         sgn = 0.0
