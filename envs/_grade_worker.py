@@ -1,0 +1,81 @@
+"""Grader subprocess: reads one JSON request per line on stdin, writes one JSON reply per line on stdout.
+
+Runs as a standalone script (``python _grade_worker.py``) so it needs nothing from this repository on its path, only
+``math_verify``. It lives in its own process because sympy can hang in C code (a huge integer power, a pathological
+simplification) where no signal or thread can interrupt it: the parent kills this process when a grade overruns its
+deadline and starts a fresh one. Request: ``{"pred": str, "ref": str, "timeout": float, "float_rounding": int}``.
+Reply: ``{"correct": bool, "reason": str}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL us if the parent dies, so a hung grade never outlives the trainer."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux / no libc: the parent's kill on timeout and close() still apply
+        return
+
+
+def _limit_memory(memory_mb: int) -> None:
+    """Cap the address space so `9^{9^{9^9}}` raises MemoryError instead of swapping the host."""
+    if memory_mb <= 0:
+        return
+    try:
+        import resource
+
+        limit = memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    except (ImportError, ValueError, OSError):  # the parent's hard timeout still bounds a runaway grade
+        return
+
+
+def _grade(req: dict) -> dict:
+    from math_verify import parse, verify
+
+    seconds = max(1, int(req.get("timeout", 5)))
+    # Both sides are wrapped in \boxed{} so the extraction rules are the same for reference and prediction.
+    gold = parse("\\boxed{" + req["ref"] + "}", parsing_timeout=seconds)
+    pred = parse("\\boxed{" + req["pred"] + "}", parsing_timeout=seconds)
+    if not gold:
+        return {"correct": False, "reason": "unparsable_reference"}
+    if not pred:
+        return {"correct": False, "reason": "unparsable_answer"}
+    ok = verify(gold, pred, float_rounding=int(req.get("float_rounding", 6)), timeout_seconds=seconds)
+    return {"correct": bool(ok), "reason": "math_verify" if ok else "mismatch"}
+
+
+def main() -> None:
+    _die_with_parent()
+    _limit_memory(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    import logging
+
+    logging.disable(logging.CRITICAL)  # math_verify logs warnings on every unparsable input
+    import math_verify  # noqa: F401  (import before "ready" so the first grade's deadline excludes it)
+    from math_verify import parse
+
+    parse("\\boxed{\\frac{1}{2}}", parsing_timeout=5)  # warm the LaTeX parser and sympy
+    out = sys.stdout
+    out.write('{"ready": true}\n')
+    out.flush()
+    for line in sys.stdin:
+        try:
+            reply = _grade(json.loads(line))
+        except MemoryError:
+            reply = {"correct": False, "reason": "memory"}
+        except Exception as exc:  # noqa: BLE001  a grade is never an exception for the caller, only a reason
+            name = type(exc).__name__
+            reply = {"correct": False, "reason": "timeout" if "Timeout" in name else f"error: {name}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()
