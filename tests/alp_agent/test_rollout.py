@@ -1,0 +1,223 @@
+"""Rollout logic without vLLM: a scripted engine and a scripted tool env make every mask and truncation exact."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import ClassVar
+
+import pytest
+
+from alp_agent.engine.base import Engine, Generation, SamplingConfig
+from alp_agent.rollout.chat import ChatTemplate
+from alp_agent.rollout.config import RolloutConfig
+from alp_agent.rollout.runner import RolloutRunner
+
+
+class ScriptedEnv:
+    """Minimal stand-in for envs' ToolEnv: answers every turn with a tool observation, ends after `finish_after`."""
+
+    stop_strings: ClassVar[list[str]] = ["</tool>"]
+    num_tasks = 8
+
+    def __init__(self, finish_after: int = 3, delay: float = 0.0, slow_task: int | None = None, truncate_at=None):
+        self.finish_after, self.delay, self.slow_task, self.truncate_at = finish_after, delay, slow_task, truncate_at
+        self.seen: list[str] = []
+
+    @property
+    def unwrapped(self):
+        return self
+
+    def reset(self, seed=None, options=None):
+        self.task = (options or {}).get("task_index", 0)
+        self.t = 0
+        return [
+            {"role": "system", "content": "You solve tasks with a Python tool."},
+            {"role": "user", "content": f"Task {self.task}: what is 6*7?"},
+        ], {}
+
+    def step(self, text):
+        self.t += 1
+        self.seen.append(text)
+        info = {"tool_calls": 1, "tool_errors": 0, "void_turn": False, "parsed_answer": None, "sandbox_status": "ok"}
+        if self.t >= self.finish_after:
+            return [], 1.0, True, False, info
+        truncated = self.truncate_at is not None and self.t >= self.truncate_at
+        return [{"role": "tool", "content": f"result {self.t}: 42"}], 0.0, False, truncated, info
+
+    async def astep(self, text):
+        await asyncio.sleep(self.delay * (10 if self.task == self.slow_task else 1))
+        return self.step(text)
+
+    def tool_schemas(self):
+        return []
+
+    def close(self):
+        pass
+
+
+class ScriptedEngine(Engine):
+    """Returns scripted turns: `turns[k]` is (text, finish_reason, append_eos) for the k-th call of an episode
+    (calls are counted per prompt length growth, so concurrent episodes each follow the script)."""
+
+    def __init__(self, tokenizer, turns, max_model_len=4096, delay=0.0):
+        self.tok, self.turns, self.max_model_len, self.delay = tokenizer, turns, max_model_len, delay
+        self.calls: list[tuple[list[int], Generation]] = []
+
+    def generate(self, prompts, sampling):
+        raise NotImplementedError
+
+    async def agenerate(self, prompt, sampling: SamplingConfig):
+        await asyncio.sleep(self.delay)
+        k = self._turn_index(prompt)
+        text, finish, eos = self.turns[min(k, len(self.turns) - 1)]
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > sampling.max_tokens:
+            ids, finish, eos = ids[: sampling.max_tokens], "length", False
+        if eos:
+            ids = [*ids, self.tok.eos_token_id]
+        gen = Generation(ids, [-0.25 - 0.01 * i for i in range(len(ids))], finish)
+        self.calls.append((list(prompt), gen))
+        return gen
+
+    def _turn_index(self, prompt):
+        """Number of assistant headers after the prompt's first one = turn index in this episode."""
+        text = self.tok.decode(prompt)
+        return text.count("<|im_start|>assistant") - 1
+
+    def load_weights(self, state_dict):
+        pass
+
+
+TOOL_TURN = ("Let me compute.\n<tool>print(6*7)</tool>", "stop", False)
+ANSWER_TURN = ("The answer is 42.", "stop", True)
+
+
+def _runner(tok, turns, env_kw=None, **cfg):
+    engine = ScriptedEngine(tok, turns, max_model_len=cfg.pop("max_model_len", 4096), delay=cfg.pop("delay", 0.0))
+    runner = RolloutRunner(engine, tok, lambda: ScriptedEnv(**(env_kw or {})), RolloutConfig(seed=0, **cfg))
+    return engine, runner
+
+
+def test_masks_logprobs_and_template_tokens_exact(tiny_tokenizer):
+    tok = tiny_tokenizer
+    engine, runner = _runner(tok, [TOOL_TURN, TOOL_TURN, ANSWER_TURN])
+    (traj,) = runner.run([3], n_per_task=1, policy_version=7)
+    chat = ChatTemplate(tok)
+    assert traj.finish_reason == "answer" and not traj.truncated
+    assert traj.num_turns == 3 and traj.num_tool_calls == 3 and traj.reward == 1.0 and traj.policy_version == 7
+    assert traj.token_drift == 0
+    # every engine call saw exactly the running ids; model ids are appended untouched with their logprobs
+    gens = [g for _, g in engine.calls]
+    for (prompt, gen), (s, e) in zip(engine.calls, traj.turn_spans):
+        assert prompt == traj.ids[: len(traj.prompt_ids) + s]
+        assert traj.completion_ids[s:e] == gen.token_ids
+        assert traj.infer_logprobs[s:e] == gen.logprobs
+    # mask is 1 exactly on model tokens
+    expected_mask = [0] * len(traj.completion_ids)
+    for s, e in traj.turn_spans:
+        expected_mask[s:e] = [1] * (e - s)
+    assert traj.loss_mask == expected_mask
+    assert traj.num_model_tokens == sum(len(g.token_ids) for g in gens)
+    assert all(lp == 0.0 for lp, m in zip(traj.infer_logprobs, traj.loss_mask) if m == 0)
+    # the stop string is part of the model tokens; the template's <|im_end|> after it is a masked, non-model token
+    s0, e0 = traj.turn_spans[0]
+    assert chat.decode(traj.completion_ids[s0:e0]).endswith("</tool>")
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert traj.completion_ids[e0] == im_end and traj.loss_mask[e0] == 0
+    # the last turn ended on a sampled EOS: that one IS a model token with a logprob
+    s2, e2 = traj.turn_spans[2]
+    assert traj.completion_ids[e2 - 1] == tok.eos_token_id and traj.loss_mask[e2 - 1] == 1
+    # prefix property: the ids decode to exactly the full re-render of the conversation
+    messages = [
+        {"role": "system", "content": "You solve tasks with a Python tool."},
+        {"role": "user", "content": "Task 3: what is 6*7?"},
+        {"role": "assistant", "content": TOOL_TURN[0]},
+        {"role": "tool", "content": "result 1: 42"},
+        {"role": "assistant", "content": TOOL_TURN[0]},
+        {"role": "tool", "content": "result 2: 42"},
+    ]
+    assert chat.decode(traj.ids[: len(traj.prompt_ids) + s2]) == chat.render(messages, add_generation_prompt=True)
+    assert traj.temperature == 1.0 and traj.top_p == 1.0 and traj.top_k == 0
+
+
+def test_group_sampling_ids_and_order(tiny_tokenizer):
+    _, runner = _runner(tiny_tokenizer, [TOOL_TURN, ANSWER_TURN])
+    trajs = runner.run([5, 2], n_per_task=3)
+    assert [t.group_id for t in trajs] == [0, 0, 0, 1, 1, 1]
+    assert [t.info["task_index"] for t in trajs] == [5, 5, 5, 2, 2, 2]
+    assert [t.info["sample_index"] for t in trajs] == [0, 1, 2] * 2
+    m = runner.last_metrics
+    assert m["rollout/episodes"] == 6 and m["rollout/token_drift"] == 0 and m["rollout/finish/answer"] == 6
+
+
+def test_truncation_turn_token_limit(tiny_tokenizer):
+    long_turn = ("word " * 50, "stop", False)
+    _, runner = _runner(tiny_tokenizer, [long_turn], max_tokens_per_turn=10)
+    (t,) = runner.run([0])
+    assert (t.finish_reason, t.truncated, t.num_turns, t.num_model_tokens) == ("turn_token_limit", True, 1, 10)
+    _, runner = _runner(tiny_tokenizer, [long_turn], max_tokens_per_turn=10, on_turn_limit="continue", max_turns=2)
+    (t,) = runner.run([0])
+    assert (t.finish_reason, t.num_turns, t.info["turn_token_limit_hits"]) == ("max_turns", 2, 2)
+
+
+def test_truncation_context_limit(tiny_tokenizer):
+    _, runner = _runner(tiny_tokenizer, [TOOL_TURN], max_model_len=80, max_turns=10)
+    (t,) = runner.run([0])
+    assert t.finish_reason == "context_limit" and t.truncated
+    assert len(t.ids) <= 80
+    assert t.loss_mask[-1] == 1  # an overflowing observation is dropped: the trajectory ends on model tokens
+
+
+def test_truncation_env_max_turns(tiny_tokenizer):
+    _, runner = _runner(tiny_tokenizer, [TOOL_TURN], env_kw={"finish_after": 99, "truncate_at": 2})
+    (t,) = runner.run([0])
+    assert (t.finish_reason, t.truncated, t.num_turns) == ("max_turns", True, 2)
+    _, runner = _runner(tiny_tokenizer, [TOOL_TURN], env_kw={"finish_after": 99}, max_turns=3)
+    (t,) = runner.run([0])
+    assert (t.finish_reason, t.truncated, t.num_turns) == ("max_turns", True, 3)
+
+
+def test_truncation_prompt_too_long(tiny_tokenizer):
+    engine, runner = _runner(tiny_tokenizer, [TOOL_TURN], max_prompt_tokens=5)
+    (t,) = runner.run([0])
+    assert (t.finish_reason, t.truncated, t.completion_ids, t.num_turns) == ("prompt_too_long", True, [], 0)
+    assert engine.calls == []
+
+
+def test_slow_tool_call_does_not_stall_others(tiny_tokenizer):
+    """Episode of task 0 waits 10x longer on each tool call; the others finish long before it."""
+    _, runner = _runner(
+        tiny_tokenizer, [TOOL_TURN, TOOL_TURN, ANSWER_TURN], env_kw={"delay": 0.05, "slow_task": 0}, delay=0.01
+    )
+    done: dict[int, float] = {}
+    orig = runner._episode
+
+    async def timed(env, task, *a):
+        t = await orig(env, task, *a)
+        done[task] = time.perf_counter()
+        return t
+
+    runner._episode = timed
+    t0 = time.perf_counter()
+    trajs = runner.run(list(range(8)))
+    wall = time.perf_counter() - t0
+    assert all(t.finish_reason == "answer" for t in trajs)
+    assert max(done[i] for i in range(1, 8)) < done[0]
+    assert wall < 3 * 0.5 + 1.0  # the slow episode's 3 x 0.5 s of tool time, not 8 episodes in series
+
+
+@pytest.mark.parametrize("bad", ["non-append-only"])
+def test_template_drift_is_reported(tiny_tokenizer, bad):
+    """A template that rewrites past assistant turns is caught, counted and ends the episode."""
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}<|im_start|>assistant\n[hidden]"
+        "<|im_end|>\n{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    _, runner = _runner(tok, [TOOL_TURN, TOOL_TURN, ANSWER_TURN])
+    (t,) = runner.run([0])
+    assert t.token_drift == 1 and t.finish_reason == "template_drift" and t.truncated
