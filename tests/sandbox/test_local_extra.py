@@ -1,0 +1,56 @@
+"""Local-backend specifics: the no-bwrap fallback, the session bound, the CPU limit, cgroup clean-up."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import sandbox.local as local
+from sandbox import ExecStatus, SandboxConfig
+from sandbox.local import LocalSandbox
+
+
+def test_fallback_without_bwrap_still_limits(monkeypatch, caplog):
+    monkeypatch.setattr(local, "bwrap_works", lambda path: "bwrap disabled for this test")
+    with LocalSandbox(SandboxConfig(pool_size=1, max_processes=16, memory_mb=256)) as sb:
+        assert sb.isolation == "rlimits" and "falling back" in caplog.text
+        with sb.session() as s:
+            assert s.run("a = 2\na * 21").stdout == "42\n"
+            assert s.run("bytearray(2 * 1024**3)").status == ExecStatus.MEMORY
+            if sb.use_cgroup or sb.drop_uid:
+                r = s.run("import os\nwhile True:\n    os.fork()")
+                assert r.status != ExecStatus.OK
+            assert s.run("while True: pass", timeout=0.5).status == ExecStatus.TIMEOUT
+            assert s.run("a").state_lost
+
+
+def test_max_sessions_bounds_open_sessions():
+    with LocalSandbox(SandboxConfig(pool_size=1, max_sessions=2)) as sb:
+        a, b = sb.session(), sb.session()
+        with pytest.raises(TimeoutError):
+            sb.session(timeout=0.2)
+        a.close()
+        with sb.session(timeout=5) as c:
+            assert c.run("1").ok
+        b.close()
+
+
+def test_cpu_limit_kills_session():
+    with LocalSandbox(SandboxConfig(pool_size=1, cpu_s=1)) as sb, sb.session() as s:
+        t = time.perf_counter()
+        r = s.run("while True: pass", timeout=20)
+        assert r.status == ExecStatus.TIMEOUT and "CPU" in r.stderr
+        assert time.perf_counter() - t < 10
+
+
+def test_cgroups_removed_on_close():
+    with LocalSandbox(SandboxConfig(pool_size=1)) as sb:
+        if not sb.use_cgroup:
+            pytest.skip("no writable pids cgroup on this machine")
+        with sb.session() as s:
+            s.run("1")
+            path = s.worker.cgroup.path
+            assert path.exists()
+            assert int((path / "pids.max").read_text()) == sb.config.max_processes + 3
+        assert not path.exists()
