@@ -13,6 +13,7 @@ no subclass: ``ToolEnv(tasks=[...], tools=[fn, ...], reward_fn=...)``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import gymnasium as gym
+from gymnasium.envs.registration import EnvSpec
 from pydantic import BaseModel, ConfigDict, Field
 
 from envs.grading import normalize
@@ -82,6 +84,27 @@ class _Episode:
     done: bool = False
 
 
+class ByReference:
+    """A constructor argument that `EnvSpec.make` passes on as is instead of deep-copying it.
+
+    `gymnasium.make` records the kwargs in `env.spec`, and `spec.make()` (used by `check_env` and by users to clone an
+    env) deep-copies them; a live Sandbox (threads, locks, processes) must be shared, not copied.
+    """
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __deepcopy__(self, memo: dict) -> ByReference:
+        return self
+
+    def __repr__(self) -> str:
+        return f"ByReference({self.obj!r})"
+
+
+def unwrap_reference(obj: Any) -> Any:
+    return obj.obj if isinstance(obj, ByReference) else obj
+
+
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 
@@ -111,6 +134,7 @@ class ToolEnv(gym.Env):
     """Multi-turn tool-use environment. See the module docstring for the episode rules."""
 
     metadata: ClassVar[dict] = {"render_modes": ["ansi"]}
+    _by_reference: ClassVar[tuple[str, ...]] = ("sandbox", "grader")
     default_system_prompt = "You are a helpful assistant. Give your final answer as \\boxed{...}."
     config_cls: type[ToolEnvConfig] = ToolEnvConfig
 
@@ -137,7 +161,7 @@ class ToolEnv(gym.Env):
         self._tasks = [Task.coerce(t, i) for i, t in enumerate(tasks)] if tasks is not None else None
         self.tools: dict[str, Tool] = {t.name: t for t in map(as_tool, tools if tools is not None else [PYTHON_TOOL])}
         self._reward_fn = reward_fn
-        self._shared_sandbox = sandbox
+        self._shared_sandbox: Sandbox | None = unwrap_reference(sandbox)
         self._own_sandbox: Sandbox | None = None
         self._sandbox_lock = threading.Lock()
         self._session: Session | None = None
@@ -148,6 +172,21 @@ class ToolEnv(gym.Env):
         roles = ("system", "user", "assistant", self.config.tool_role)
         self.observation_space = ChatMessages(roles=tuple(dict.fromkeys(roles)))
         self.action_space = UnicodeText(max_length=self.config.max_action_chars)
+
+    @property
+    def spec(self) -> EnvSpec | None:  # type: ignore[override]
+        return self.__dict__.get("_spec")
+
+    @spec.setter
+    def spec(self, value: EnvSpec | None) -> None:
+        """Keep live objects (sandbox, grader) in the recorded kwargs by reference, so spec.make() can share them."""
+        if value is not None and value.kwargs:
+            kwargs = {
+                k: ByReference(v) if k in self._by_reference and v is not None and not isinstance(v, ByReference) else v
+                for k, v in value.kwargs.items()
+            }
+            value = dataclasses.replace(value, kwargs=kwargs)
+        self.__dict__["_spec"] = value
 
     # ------------------------------------------------------------------ hooks for subclasses
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from envs.base import ToolEnv, ToolEnvConfig
+from envs.base import ToolEnv, ToolEnvConfig, unwrap_reference
 from envs.datasets import DatasetConfig, load_tasks
 from envs.grading import Grader, GradingConfig, shared_grader
 from envs.task import Task
@@ -86,7 +86,7 @@ class MathToolEnv(ToolEnv):
         super().__init__(config, sandbox=sandbox, tasks=tasks, render_mode=render_mode, **overrides)
         if self._tasks is None:
             self._tasks = _cached_tasks(self.config.dataset)  # type: ignore[assignment]
-        self._grader = grader
+        self._grader: Grader | None = unwrap_reference(grader)
 
     @property
     def grader(self) -> Grader:

@@ -1,0 +1,152 @@
+"""Answer equivalence tables, boxed extraction, and the hard time limit of a grade."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from envs.grading import Grader, GradingConfig, extract_boxed
+
+
+@pytest.fixture(scope="module")
+def grader():
+    g = Grader(GradingConfig(timeout_s=3.0, workers=2))
+    yield g
+    g.close()
+
+
+EQUIVALENT = [
+    ("1,234", "1234"),
+    ("1234", "1,234"),
+    ("1\\,234", "1234"),
+    ("-7", "-7"),
+    ("42.0", "42"),
+    ("0.5", "\\frac{1}{2}"),
+    ("\\frac{1}{2}", "0.5"),
+    ("\\dfrac{3}{4}", "0.75"),
+    ("\\tfrac34", "\\frac{3}{4}"),
+    ("1/3", "\\frac{1}{3}"),
+    ("\\frac{2}{4}", "\\frac{1}{2}"),
+    ("-\\frac{1}{2}", "-0.5"),
+    ("2\\sqrt{2}", "\\sqrt{8}"),
+    ("\\frac{\\sqrt{3}}{2}", "\\dfrac{\\sqrt3}{2}"),
+    ("\\sqrt{2}/2", "\\frac{1}{\\sqrt{2}}"),
+    ("30^\\circ", "30"),
+    ("30^{\\circ}", "30"),
+    ("30°", "30"),
+    ("50\\%", "50"),
+    ("50%", "50"),
+    ("5 \\text{ cm}", "5"),
+    ("12 cm", "12"),
+    ("\\$5.00", "5"),
+    ("18 dollars", "18"),
+    ("x = 5", "5"),
+    ("[1,2)", "[1, 2)"),
+    ("(-\\infty, 3]", "(-\\infty,3]"),
+    ("\\{1,2,3\\}", "\\{3,2,1\\}"),
+    ("(1, 2)", "(1,2)"),
+    ("(3, -4, 5)", "(3,-4,5)"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("\\pi", "\\pi"),
+    ("2\\pi", "2 \\pi"),
+    ("x^2+2x+1", "(x+1)^2"),
+    ("\\frac{14}{3}", "4\\frac{2}{3}"),
+    ("10^{3}", "1000"),
+    ("3\\times 10^2", "300"),
+]
+
+NOT_EQUIVALENT = [
+    ("3", "4"),
+    ("1,235", "1234"),
+    ("0.3333", "\\frac{1}{3}"),
+    ("\\frac{1}{3}", "\\frac{1}{2}"),
+    ("(1, 2)", "(2, 1)"),
+    ("[1,2)", "(1,2)"),
+    ("\\{1,2\\}", "\\{1,2,3\\}"),
+    ("\\sqrt{2}", "\\sqrt{3}"),
+    ("\\pi", "3"),
+    ("-5", "5"),
+    ("5", "(5, 5)"),
+    ("hello", "5"),
+    ("", "5"),
+    (None, "5"),
+]
+
+
+@pytest.mark.parametrize("pred,ref", EQUIVALENT)
+def test_equivalent(grader, pred, ref):
+    res = grader.grade(pred, ref)
+    assert res.correct, (pred, ref, res)
+
+
+@pytest.mark.parametrize("pred,ref", NOT_EQUIVALENT)
+def test_not_equivalent(grader, pred, ref):
+    res = grader.grade(pred, ref)
+    assert not res.correct, (pred, ref, res)
+
+
+@pytest.mark.parametrize(
+    "text,boxed",
+    [
+        ("so \\boxed{42}.", "42"),
+        ("\\boxed{1} then \\boxed{2}", "2"),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),
+        ("\\boxed 7.", "7"),
+        ("\\fbox{9}", "9"),
+        ("\\boxed{unclosed", None),
+        ("no box", None),
+        ("", None),
+    ],
+)
+def test_extract_boxed(text, boxed):
+    assert extract_boxed(text) == boxed
+
+
+def test_plain_numbers_skip_the_subprocess(grader):
+    assert grader.grade("1,234", "1234").reason == "exact"
+    assert grader.grade("3", "4").reason == "mismatch"
+
+
+def test_hung_grade_is_zero_with_reason_within_the_limit():
+    """sympy never returns on 9^{9^{9^9}} (C-level bigint pow): the worker is killed at the deadline."""
+    with Grader(GradingConfig(timeout_s=1.0, workers=1)) as g:
+        assert g.grade("2", "\\frac{4}{2}").correct  # worker started; its startup is not in the deadline below
+        t0 = time.monotonic()
+        res = g.grade("9^{9^{9^{9}}}", "1")
+        elapsed = time.monotonic() - t0
+        assert not res.correct and res.reason in ("timeout", "memory"), res
+        assert elapsed < 3.0, elapsed
+        # the grader recovers: a fresh worker answers the next grade
+        assert g.grade("\\sqrt{8}", "2\\sqrt{2}").correct
+
+
+def test_grades_from_many_threads(grader):
+    cases = EQUIVALENT[:16]
+    results: list = [None] * len(cases)
+
+    def work(i):
+        results[i] = grader.grade(*cases[i]).correct
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert all(results), results
+
+
+def test_close_kills_workers():
+    import os
+
+    g = Grader(GradingConfig(workers=1))
+    assert g.grade("\\sqrt{4}", "2").correct
+    pids = g.pids()
+    assert pids
+    g.close()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not g.grade("\\sqrt{4}", "3").correct  # closed grader: a reason, not an exception
