@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sandbox import SandboxConfig  # noqa: E402
+from sandbox import SandboxConfig
 
 CODE = "x = globals().get('x', 0) + 1\nx * 2"  # a typical tiny tool call with a trailing expression
 
@@ -61,7 +61,9 @@ def _concurrent(n_workers: int, calls: int, one_call) -> dict:
 
 def bench_baseline(n: int, calls: int) -> dict:
     def call(_i: int) -> None:
-        r = subprocess.run([sys.executable, "-c", CODE.replace("\nx * 2", "\nprint(x * 2)")], capture_output=True)
+        r = subprocess.run(
+            [sys.executable, "-c", CODE.replace("\nx * 2", "\nprint(x * 2)")], capture_output=True, check=False
+        )
         assert r.returncode == 0
 
     return _concurrent(n, calls, call)
@@ -102,7 +104,9 @@ def main() -> None:
     rows = []
     for n in (1, 8):
         base_calls = max(10, args.calls // 10)
-        rows.append({"backend": "baseline python -c", "sessions": n, **bench_baseline(n, base_calls // (1 if n == 1 else 2))})
+        rows.append(
+            {"backend": "baseline python -c", "sessions": n, **bench_baseline(n, base_calls // (1 if n == 1 else 2))}
+        )
     for backend in args.backends.split(","):
         if backend == "docker":
             from sandbox.docker import docker_unavailable_reason

@@ -67,7 +67,7 @@ def bwrap_path() -> str | None:
     return shutil.which("bwrap")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bwrap_works(path: str | None) -> str:
     """'' if bwrap can build our jail here, else the reason it cannot (checked once per process)."""
     if path is None:
@@ -76,6 +76,7 @@ def bwrap_works(path: str | None) -> str:
         r = subprocess.run(
             [path, "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--unshare-pid", "--unshare-net", "true"],
             capture_output=True,
+            check=False,
             timeout=10,
         )
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -264,7 +265,7 @@ class LocalWorker(Worker):
         try:
             os.set_blocking(self.proc.stderr.fileno(), False)
             return (self.proc.stderr.read() or b"").decode(errors="replace")[-2000:]
-        except Exception:
+        except Exception:  # noqa: BLE001 - best-effort diagnostics only
             return ""
 
     def _send(self, data: bytes) -> None:
@@ -331,10 +332,14 @@ class LocalSandbox(PooledSandbox):
         reason = bwrap_works(self.bwrap)
         self.isolation = "bwrap" if not reason else "rlimits"
         if reason:
-            log.warning("LocalSandbox: %s; falling back to plain processes with rlimits (NO network/fs isolation)", reason)
+            log.warning(
+                "LocalSandbox: %s; falling back to plain processes with rlimits (NO network/fs isolation)", reason
+            )
         self.use_cgroup = PidsCgroup.root() is not None
         if not self.use_cgroup:
-            log.warning("LocalSandbox: no writable pids cgroup; process limits rely on RLIMIT_NPROC with per-session uids")
+            log.warning(
+                "LocalSandbox: no writable pids cgroup; process limits rely on RLIMIT_NPROC with per-session uids"
+            )
         self.drop_uid = os.getuid() == 0
         if self.drop_uid and self.isolation != "bwrap" and _hidden_ancestors(_needed_paths(self.python))[0]:
             log.warning("LocalSandbox: %s is not reachable by an unprivileged uid; cells run as root", self.python)
@@ -412,4 +417,4 @@ class LocalSandbox(PooledSandbox):
         return LocalWorker(cmd, cgroup, uid, _UIDS.give if self.drop_uid else (lambda u: None), cwd)
 
 
-__all__ = ["LocalSandbox", "LocalWorker", "ExecStatus"]
+__all__ = ["ExecStatus", "LocalSandbox", "LocalWorker"]

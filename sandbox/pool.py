@@ -13,7 +13,8 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
-from typing import AsyncIterator, Callable, Generic, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
 W = TypeVar("W")
@@ -73,7 +74,7 @@ class WarmPool(Generic[W]):
             try:
                 w = self._start()
                 self._failures = 0
-            except Exception as e:  # keep serving cold starts; back off so a broken backend does not spin
+            except Exception as e:  # noqa: BLE001 - keep serving cold starts; back off so a broken backend does not spin
                 self._failures += 1
                 log.warning("sandbox warm start failed (%s); retrying", e)
                 with self._cond:

@@ -139,7 +139,7 @@ class CappedText(io.TextIOBase):
 
     def write(self, s) -> int:
         if not isinstance(s, str):
-            raise TypeError("write() argument must be str, not %s" % type(s).__name__)
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         budget = self.buffer.budget
         if budget.remaining <= 0:
             if s:
@@ -200,7 +200,7 @@ class Server:
         try:
             sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
             sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 - the child keeps the capped writers then
             pass
 
     def _apply_limits(self, opts: dict) -> None:
@@ -210,11 +210,13 @@ class Server:
             try:
                 resource.setrlimit(_RLIMITS[name], (soft, hard))
             except (ValueError, OSError) as e:  # e.g. nproc without privileges; the backend has other limits
-                sys.stderr.write("sandbox: cannot set rlimit %s: %s\n" % (name, e))
+                sys.stderr.write(f"sandbox: cannot set rlimit {name}: {e}\n")
         uid, gid = opts.get("uid"), opts.get("gid")
         if uid is not None and os.getuid() == 0:
             os.setgroups([])
-            os.setresgid(gid if gid is not None else uid, gid if gid is not None else uid, gid if gid is not None else uid)
+            os.setresgid(
+                gid if gid is not None else uid, gid if gid is not None else uid, gid if gid is not None else uid
+            )
             os.setresuid(uid, uid, uid)  # drops every capability: the cell runs as an unprivileged user
         if opts.get("cwd"):
             try:
@@ -246,7 +248,7 @@ class Server:
 
     def run_cell(self, code: str) -> bytes:
         self.cells += 1
-        filename = "<cell-%d>" % self.cells
+        filename = f"<cell-{self.cells}>"
         budget = Budget(self.max_output)
         out = CappedText(CappedSink(budget, 1))
         err = CappedText(CappedSink(budget, 2))
@@ -261,7 +263,7 @@ class Server:
             status, exit_code = "exited", _exit_code(e, err)
         except MemoryError:
             status, tb_text = "memory", _format_exc(skip=1)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - any exception of the cell is its result
             status, tb_text = "error", _format_exc(skip=1)
         finally:
             duration = time.perf_counter() - start
@@ -284,7 +286,7 @@ class Server:
         if tree.body and isinstance(tree.body[-1], ast.Expr):
             last = ast.Expression(tree.body.pop().value)
         if tree.body:
-            exec(compile(tree, filename, "exec"), self.ns)
+            exec(compile(tree, filename, "exec"), self.ns)  # noqa: S102 - running the cell is the point
         if last is not None:
             value = eval(compile(last, filename, "eval"), self.ns)
             if value is not None:
@@ -326,8 +328,8 @@ def _format_exc(skip: int) -> str:
         tb = tb.tb_next
     try:
         return "".join(traceback.format_exception(etype, value, tb))
-    except BaseException:
-        return "%s: <unprintable>\n" % getattr(etype, "__name__", "Exception")
+    except BaseException:  # noqa: BLE001 - a broken __str__ must not kill the server
+        return "{}: <unprintable>\n".format(getattr(etype, "__name__", "Exception"))
 
 
 _SERVER_FILE = Server._execute.__code__.co_filename  # also right when started as `python -c SOURCE`

@@ -13,7 +13,7 @@ import logging
 import signal
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from sandbox.base import ExecResult, ExecStatus, Sandbox, Session
 from sandbox.config import SandboxConfig
@@ -139,7 +139,7 @@ class WorkerSession(Session):
             if self._worker is None:
                 try:
                     self._worker = self._get_worker()
-                except Exception as e:  # backend failure: report, do not raise into the env
+                except Exception as e:  # noqa: BLE001 - backend failure: report, do not raise into the env
                     return ExecResult(ExecStatus.SANDBOX_ERROR, stderr=f"sandbox failed to start: {e}")
             if state_lost:
                 info["state_lost_reason"] = self._lost_reason
@@ -228,7 +228,7 @@ class PooledSandbox(Sandbox):
             self._sessions.add(s)
         try:
             s._worker = self._warm.take()
-        except Exception as e:  # reported by the first run() as sandbox_error (it retries the start)
+        except Exception as e:  # noqa: BLE001 - reported by the first run() as sandbox_error (it retries the start)
             log.warning("sandbox session start failed: %s", e)
         return s
 

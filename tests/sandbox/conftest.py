@@ -13,7 +13,14 @@ from sandbox.docker import docker_unavailable_reason
 SECRET_NAME, SECRET_VALUE = "ALP_TEST_HOST_SECRET", "hunter2-do-not-leak"
 os.environ[SECRET_NAME] = SECRET_VALUE  # set before any sandbox starts: it must never be visible inside
 
-TEST_CONFIG = dict(timeout_s=10, memory_mb=256, max_processes=16, max_output_bytes=4096, pool_size=2, cpu_s=20)
+TEST_CONFIG = {
+    "timeout_s": 10,
+    "memory_mb": 256,
+    "max_processes": 16,
+    "max_output_bytes": 4096,
+    "pool_size": 2,
+    "cpu_s": 20,
+}
 
 
 def descendants(pid: int) -> set[int]:

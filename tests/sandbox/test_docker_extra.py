@@ -28,7 +28,9 @@ def test_stale_containers_are_removed(client):
     from sandbox.docker import DockerSandbox
 
     stale = client.containers.create(
-        "alp-agent-sandbox:latest", command=["sleep", "300"], labels={LABEL: "1", OWNER_LABEL: f"{socket.gethostname()}:999999999"}
+        "alp-agent-sandbox:latest",
+        command=["sleep", "300"],
+        labels={LABEL: "1", OWNER_LABEL: f"{socket.gethostname()}:999999999"},
     )
     with DockerSandbox(SandboxConfig(backend="docker", pool_size=1)):
         ids = [c.id for c in client.containers.list(all=True, filters={"label": LABEL})]

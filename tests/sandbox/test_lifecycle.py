@@ -36,13 +36,19 @@ def _gone(sb, worker) -> bool:
 def test_context_manager_leaves_nothing(sb):
     before = descendants(os.getpid())
     with sb.session() as s:
-        s.run("import subprocess\np = subprocess.Popen(['sleep', '300'])\nimport os\nos.fork() or os._exit(0) if False else None")
+        s.run(
+            "import subprocess\np = subprocess.Popen(['sleep', '300'])\nimport os\nos.fork() or os._exit(0) if False else None"
+        )
         assert _alive(sb, s)
         worker = s.worker
     assert _gone(sb, worker)
     if sb.backend == "local":
         leaked = descendants(os.getpid()) - before
-        assert not [p for p in leaked if Path(f"/proc/{p}/cmdline").exists() and b"sleep" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert not [
+            p
+            for p in leaked
+            if Path(f"/proc/{p}/cmdline").exists() and b"sleep" in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
 
 
 def test_timeout_leaves_nothing(sb):

@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-import sandbox.local as local
-from sandbox import ExecStatus, SandboxConfig
+from sandbox import ExecStatus, SandboxConfig, local
 from sandbox.local import LocalSandbox
 
 

@@ -28,7 +28,9 @@ def test_error_traceback_is_text_and_state_kept(session):
 
 
 def test_nul_and_invalid_utf8(session):
-    r = session.run("import sys, os\nprint('a\\x00b')\nsys.stdout.buffer.write(b'\\xff\\xfe\\x00z')\nos.write(1, b'\\x80')")
+    r = session.run(
+        "import sys, os\nprint('a\\x00b')\nsys.stdout.buffer.write(b'\\xff\\xfe\\x00z')\nos.write(1, b'\\x80')"
+    )
     assert r.status == ExecStatus.OK
     assert "a\x00b" in r.stdout and "\ufffd" in r.stdout and r.stdout.count("z") == 1
     assert session.run("'\\udc80'").status == ExecStatus.OK  # lone surrogate in a repr
@@ -36,7 +38,9 @@ def test_nul_and_invalid_utf8(session):
 
 def test_100mb_output_is_capped(session):
     t = time.perf_counter()
-    r = session.run("import sys\nfor _ in range(100): sys.stdout.write('x' * 1_000_000)\nprint('y' * 10**6, file=sys.stderr)")
+    r = session.run(
+        "import sys\nfor _ in range(100): sys.stdout.write('x' * 1_000_000)\nprint('y' * 10**6, file=sys.stderr)"
+    )
     assert r.status == ExecStatus.OUTPUT_LIMIT and r.truncated
     assert len(r.stdout) + len(r.stderr) <= TEST_CONFIG["max_output_bytes"]
     assert time.perf_counter() - t < 5
@@ -133,6 +137,8 @@ def test_protocol_cannot_be_corrupted_by_stdout_games(session):
     r = session.run("import os, sys\nos.close(1)\nos.close(0)\nsys.stdout.write('still here')")
     assert r.status in (ExecStatus.OK, ExecStatus.ERROR)
     assert session.run("print('next')").stdout == "next\n"
-    r = session.run("import os\nfor fd in range(3, 64):\n    try: os.write(fd, b'ALP1garbage')\n    except OSError: pass")
+    r = session.run(
+        "import os\nfor fd in range(3, 64):\n    try: os.write(fd, b'ALP1garbage')\n    except OSError: pass"
+    )
     assert r.status in (ExecStatus.OK, ExecStatus.ERROR, ExecStatus.CRASHED)
     assert session.run("1 + 1").stdout == "2\n"
