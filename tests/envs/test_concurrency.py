@@ -1,0 +1,66 @@
+"""Many episodes step at once on one shared sandbox, and nothing is left running afterwards."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import gymnasium as gym
+
+from envs import ToolEnvBatch
+from sandbox import SandboxConfig
+from tests.envs.conftest import FAST_SANDBOX, descendants
+
+N = 64
+
+
+def _live(pids: set[int]) -> set[int]:
+    """Leak candidates: ignore the process-wide grader workers (they are shared and closed at exit)."""
+    out = set()
+    for pid in pids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"_grade_worker" not in cmd:
+            out.add(pid)
+    return out
+
+
+def test_64_envs_step_concurrently_without_leaks():
+    before = _live(descendants())
+    config = SandboxConfig(**{**FAST_SANDBOX, "pool_size": 4, "max_sessions": 128})
+    batch = ToolEnvBatch("alp/MathTool-v0", N, sandbox_config=config, dataset={"name": "synthetic", "level": 0})
+    try:
+        first = batch.reset(task_indices=list(range(N)))
+        exprs = [re.match(r"What is (.+)\?", obs[-1]["content"]).group(1) for obs, _ in first]
+        # every episode sleeps 1 s in its sandbox: run one after another this would take > 64 s
+        actions = [f"```python\nimport time\ntime.sleep(1)\nprint({e})\n```\n" for e in exprs]
+        t0 = time.monotonic()
+        results = batch.step(actions)
+        elapsed = time.monotonic() - t0
+        assert all(r is not None and r[4]["sandbox_status"] == "ok" for r in results), [r[4] for r in results]
+        assert elapsed < 30, f"64 concurrent 1 s tool calls took {elapsed:.1f} s"
+        outputs = [re.search(r"```output\n(.*)\n```", r[0][0]["content"]).group(1) for r in results]
+        finals = batch.step([f"\\boxed{{{o}}}" for o in outputs])
+        assert [r[1] for r in finals] == [1.0] * N
+        assert all(batch.done)
+        assert batch.step(["ignored"] * N) == [None] * N  # finished envs are skipped
+        assert all(env._session is None for env in batch.envs)  # sessions closed at episode end
+    finally:
+        batch.close()
+    leaked = _live(descendants()) - before
+    assert not leaked, f"processes left after close: {leaked}"
+
+
+def test_env_without_sandbox_owns_and_closes_one():
+    before = _live(descendants())
+    env = gym.make("alp/MathTool-v0", sandbox_config={"pool_size": 1})
+    env.reset(seed=0)
+    obs, *_ = env.step("```python\nprint(2 ** 10)\n```\n")
+    assert "1024" in obs[0]["content"]
+    env.close()
+    env.close()  # twice is fine
+    leaked = _live(descendants()) - before
+    assert not leaked, leaked
