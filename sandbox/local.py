@@ -342,8 +342,16 @@ class LocalSandbox(PooledSandbox):
             )
         self.drop_uid = os.getuid() == 0
         if self.drop_uid and self.isolation != "bwrap" and _hidden_ancestors(_needed_paths(self.python))[0]:
-            log.warning("LocalSandbox: %s is not reachable by an unprivileged uid; cells run as root", self.python)
-            self.drop_uid = False
+            # Without namespaces a root cell could kill(-1) the whole host: never run one. Use the system python.
+            system = "/usr/bin/python3"
+            if config.python is None and os.path.exists(system) and not _hidden_ancestors([system])[0]:
+                log.warning("LocalSandbox: %s is unreachable by an unprivileged uid; cells use %s", self.python, system)
+                self.python = system
+            else:
+                raise RuntimeError(
+                    f"LocalSandbox: bwrap unavailable and {self.python} is not readable by an unprivileged user; "
+                    "refusing to run untrusted cells as root (set SandboxConfig.python or use the docker backend)"
+                )
         super().__init__(config)
 
     def describe(self) -> dict:

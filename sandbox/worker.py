@@ -187,13 +187,15 @@ class WorkerSession(Session):
         self._lost_reason = reason
 
     def close(self) -> None:
+        """Kill the worker at once (a cell still running in another thread then returns `crashed`), then free."""
+        if self._closed:
+            return
+        self._closed = True
+        w = self._worker
+        if w is not None:
+            w.kill()  # idempotent and thread-safe; do not wait for a running call's lock
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            if self._worker is not None:
-                self._worker.kill()
-                self._worker = None
+            self._worker = None
         self._on_close()
 
 

@@ -43,6 +43,18 @@ def test_cpu_limit_kills_session():
         assert time.perf_counter() - t < 10
 
 
+def test_fork_bomb_hits_the_pids_limit():
+    with LocalSandbox(SandboxConfig(pool_size=1, max_processes=10)) as sb, sb.session() as s:
+        if not sb.use_cgroup:
+            pytest.skip("no writable pids cgroup on this machine")
+        r = s.run("import os\nwhile True:\n    os.fork()")
+        assert r.status == ExecStatus.ERROR and "BlockingIOError" in r.stderr
+        # RLIMIT_NPROC (per-session uid) or the cgroup's pids.max refused the fork, whichever came first
+        peak = s.worker.cgroup.path / "pids.peak"
+        if peak.exists():
+            assert int(peak.read_text()) <= sb.config.max_processes + 3
+
+
 def test_cgroups_removed_on_close():
     with LocalSandbox(SandboxConfig(pool_size=1)) as sb:
         if not sb.use_cgroup:

@@ -84,6 +84,15 @@ def test_kill_parent(session):
     assert session.run("1 + 1").stdout == "2\n"
 
 
+def test_kill_everything_only_kills_the_session(sb, session):
+    with sb.session() as other:
+        other.run("o = 1")
+        r = session.run("import os, signal\nos.kill(-1, signal.SIGKILL)")  # every process this uid may signal
+        assert r.status in (ExecStatus.CRASHED, ExecStatus.OK, ExecStatus.ERROR), r
+        assert other.run("o").stdout == "1\n" and not other.run("o").state_lost
+    assert session.run("2").stdout == "2\n"
+
+
 def test_no_host_secrets(session):
     r = session.run(
         "import os\nprint(sorted(os.environ))\n"
