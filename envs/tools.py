@@ -18,6 +18,7 @@ schema: that is how the built-in `python` tool reaches the episode's persistent 
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 import types
 import typing
@@ -26,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin
 
 from sandbox.base import ExecResult, ExecStatus, Session
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -239,7 +242,12 @@ def python(code: str, ctx: ToolContext) -> ToolOutput:
     Args:
         code: Python source code to execute.
     """
-    res = ctx.session().run(code, ctx.timeout_s)
+    try:
+        session = ctx.session()
+    except Exception as exc:  # noqa: BLE001  infrastructure failure: the episode sees it, the rollout goes on
+        logger.warning("could not open a sandbox session: %s", exc)
+        return ToolOutput(f"[Sandbox error: the code did not run ({type(exc).__name__}).]", True, "sandbox_error")
+    res = session.run(code, ctx.timeout_s)
     error = res.status != ExecStatus.OK
     return ToolOutput(
         format_exec_result(res),
