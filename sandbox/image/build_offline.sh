@@ -52,13 +52,13 @@ for l in bin sbin lib lib64; do
   if [ -L "/$l" ] && [ ! -e "$root/$l" ]; then cp -P "/$l" "$root/$l"; fi
 done
 
-# 2. What a container needs on top: users, a writable /tmp, python3 on PATH.
-mkdir -p "$root/tmp" "$root/etc" "$root/proc" "$root/sys" "$root/dev" "$root/work"
+# 2. What a container needs on top: users, a writable /tmp, python3 on PATH. (The session server is not baked
+#    in: DockerSandbox sends it with `python3 -c` at container start, so the image never goes stale.)
+mkdir -p "$root/tmp" "$root/etc" "$root/proc" "$root/sys" "$root/dev"
 chmod 1777 "$root/tmp"
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n' >"$root/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
 [ -e "$root/usr/bin/python3" ] || ln -s "$(readlink /usr/bin/python3)" "$root/usr/bin/python3"
-cp "$(dirname "$0")/../server.py" "$root/work/server.py" 2>/dev/null || true
 
 tar -C "$root" -cf - . | docker import \
   --change 'ENV PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1' \
