@@ -110,3 +110,28 @@ def test_async_requests_batch_together(engine):
 
     gens = asyncio.run(main())
     assert [len(g.token_ids) for g in gens] == [8 + i for i in range(12)]
+
+
+def test_top_k_top_p_logprobs_are_of_the_truncated_distribution(engine, hf_model):
+    """Documented semantics: with top-k/top-p the recorded logprob is log of the renormalised truncated
+    distribution (vLLM processed_logprobs), not of the full softmax."""
+    prompt = PROMPTS[1]
+    for s in (
+        SamplingConfig(temperature=0.8, top_k=20, max_tokens=6, seed=2),
+        SamplingConfig(temperature=1.0, top_p=0.5, max_tokens=6, seed=3),
+    ):
+        g = engine.generate([prompt], s)[0]
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([prompt + g.token_ids])).logits[0].float() / s.temperature
+        for i, tok in enumerate(g.token_ids):
+            row = logits[len(prompt) + i - 1]
+            if s.top_k:
+                keep = row >= torch.topk(row, s.top_k).values[-1]
+            else:
+                probs, order = torch.softmax(row, -1).sort(descending=True)
+                cut = (probs.cumsum(0) - probs) < s.top_p  # vLLM keeps the smallest prefix with mass >= top_p
+                keep = torch.zeros_like(row, dtype=torch.bool)
+                keep[order[cut]] = True
+            truncated = torch.log_softmax(row.masked_fill(~keep, float("-inf")), -1)[tok].item()
+            assert abs(g.logprobs[i] - truncated) < 1e-4
+            assert g.logprobs[i] > torch.log_softmax(row, -1)[tok].item()
