@@ -160,6 +160,11 @@ class ToolEnv(gym.Env):
         self.render_mode = render_mode
         self._tasks = [Task.coerce(t, i) for i, t in enumerate(tasks)] if tasks is not None else None
         self.tools: dict[str, Tool] = {t.name: t for t in map(as_tool, tools if tools is not None else [PYTHON_TOOL])}
+        if self.config.tool_format == "fenced" and self.tools and "python" not in self.tools:
+            raise ValueError(
+                f"tool_format='fenced' runs ```python blocks with a tool named 'python', but the tools are "
+                f"{sorted(self.tools)}; use tool_format='json' for other tools"
+            )
         self._reward_fn = reward_fn
         self._shared_sandbox: Sandbox | None = unwrap_reference(sandbox)
         self._own_sandbox: Sandbox | None = None

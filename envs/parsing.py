@@ -196,9 +196,10 @@ def parse_turn(action: str | bytes, fmt: ToolFormat, tools: dict[str, Tool], max
     try:
         if fmt == "json":
             turn = parse_json_calls(text, tools, max_call_chars)
-        else:
-            name = "python" if "python" in tools or not tools else next(iter(tools))
-            turn = parse_fenced(text, max_call_chars, tool_name=name)
+        elif "python" in tools:
+            turn = parse_fenced(text, max_call_chars)
+        else:  # an env without a python tool: code blocks are prose
+            turn = ParsedTurn(text=text, answer=extract_boxed(text))
     except RecursionError:  # pathological nesting in a regex/JSON corner; still a defined outcome
         turn = ParsedTurn(text=text, errors=[CallError(INVALID_JSON, "The message could not be parsed.")])
     if repaired:
