@@ -97,7 +97,7 @@ class WarmPool(Generic[W]):
 
 
 class SessionLimiter:
-    """Bounds open sessions to max_sessions; blocking for threads, awaitable for asyncio."""
+    """Bounds open sessions to max_sessions (asyncio callers wait for it in the wide executor, see asession)."""
 
     def __init__(self, max_sessions: int):
         self._sem = threading.BoundedSemaphore(max_sessions)
@@ -105,10 +105,6 @@ class SessionLimiter:
     def acquire(self, timeout: float | None = None) -> None:
         if not self._sem.acquire(timeout=timeout):
             raise TimeoutError("too many open sandbox sessions (max_sessions reached)")
-
-    async def aacquire(self) -> None:
-        if not self._sem.acquire(blocking=False):
-            await to_thread(self._sem.acquire)
 
     def release(self) -> None:
         self._sem.release()
