@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 
 import gymnasium as gym
 import pytest
@@ -197,3 +198,25 @@ def test_astep(sandbox):
     env.reset(seed=0)
     obs, *_ = asyncio.run(env.unwrapped.astep(code_turn("print(6 * 7)")))
     assert output_of(obs) == "42"
+
+
+def test_adversarial_answer_cannot_hang_the_episode(sandbox):
+    env = make(sandbox, grading={"timeout_s": 1.0, "workers": 1})
+    env.reset(seed=0)
+    env.unwrapped.grader.grade("\\sqrt{4}", "2")  # start the worker outside the timed step
+    t0 = time.monotonic()
+    _, reward, terminated, _, info = env.step("\\boxed{9^{9^{9^{9}}}}")
+    assert reward == 0.0 and terminated and info["grade_reason"] in ("timeout", "memory")
+    assert time.monotonic() - t0 < 3.0
+
+
+def test_observations_are_in_the_space_and_actions_may_be_bytes(sandbox):
+    env = make(sandbox, void_turn="hint")
+    obs, _ = env.reset(seed=0)
+    assert obs in env.observation_space
+    obs, *_, info = env.step(b"```python\nprint('\xc3\xa9')\n```\n")  # UTF-8 bytes are decoded
+    assert obs in env.observation_space and output_of(obs) == "é" and info["parse_errors"] == 0
+    obs, *_, info = env.step(b"\xff\xfe nothing")
+    assert obs in env.observation_space and obs[0]["role"] == "user" and "invalid" in obs[0]["content"]
+    with pytest.raises(TypeError):
+        env.step(123)  # a caller bug, not model text
