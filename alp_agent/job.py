@@ -1,0 +1,298 @@
+"""The main job: build every component from a RunConfig and run rollout -> update -> sync -> eval, with a run
+directory, a live progress display, checkpoints, Ctrl-C safety and resume.
+
+Data flows one way: env (sandbox) -> RolloutRunner (vLLM ids + logprobs) -> Trainer.update -> engine.load_weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alp_agent.config import RunConfig
+from alp_agent.config_io import ConfigError, dump_config
+from alp_agent.rollout.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def make_env_fn(cfg: RunConfig, sandbox, eval_env: bool = False) -> Callable[[], Any]:
+    """A factory of env instances sharing one sandbox; validates the kwargs once, here, with a clear error."""
+    import gymnasium as gym
+
+    import envs  # noqa: F401 - registers the built-in envs
+
+    for mod in cfg.env.imports:
+        __import__(mod)
+    kwargs = dict(cfg.env.kwargs)
+    if eval_env:
+        kwargs = _deep_merge(kwargs, cfg.eval.env_kwargs)
+        if cfg.eval.max_turns is not None:
+            kwargs["max_turns"] = cfg.eval.max_turns
+    if cfg.env.id not in gym.registry:
+        known = ", ".join(sorted(k for k in gym.registry if k.startswith("alp/")))
+        raise ConfigError(f"env.id: unknown env {cfg.env.id!r}; registered: {known}")
+
+    def env_fn():
+        return gym.make(cfg.env.id, sandbox=sandbox, **kwargs)
+
+    try:
+        probe = env_fn()
+    except Exception as e:  # noqa: BLE001 - any env constructor error is a config problem here
+        what = "eval.env_kwargs" if eval_env else "env.kwargs"
+        raise ConfigError(f"{what}: {cfg.env.id} rejected its options: {str(e).splitlines()[0]} ({e})") from None
+    probe.close()
+    return env_fn
+
+
+def num_tasks_of(env_fn: Callable[[], Any]) -> int:
+    env = env_fn()
+    try:
+        return int(env.unwrapped.num_tasks)
+    finally:
+        env.close()
+
+
+@dataclass
+class Components:
+    cfg: RunConfig
+    sandbox: Any
+    engine: Any
+    tokenizer: Any
+    runner: Any
+    eval_runner: Any
+    trainer: Any = None
+    num_tasks: int = 0
+    num_eval_tasks: int = 0
+    closers: list = field(default_factory=list)
+
+    def close(self) -> None:
+        for c in reversed(self.closers):
+            with contextlib.suppress(Exception):
+                c()
+
+
+def build_inference(cfg: RunConfig) -> Components:
+    """Sandbox, engine, tokenizer, rollout runners (train and eval). No trainer: `alp-agent eval/rollout` use this."""
+    from alp_agent.engine.vllm_engine import VLLMEngine
+    from alp_agent.models import ModelResolutionError, load_tokenizer, resolve_model
+    from alp_agent.rollout.runner import RolloutRunner
+    from sandbox import make_sandbox
+
+    try:
+        model_dir = resolve_model(cfg.engine.model)
+    except ModelResolutionError as e:
+        raise ConfigError(f"engine.model: {e}") from None
+    engine_cfg = cfg.engine.model_copy(update={"model": model_dir, "seed": cfg.run.seed})
+    sandbox = make_sandbox(cfg.sandbox)
+    comps = Components(cfg, sandbox, None, None, None, None, closers=[sandbox.close])
+    try:
+        env_fn = make_env_fn(cfg, sandbox)
+        eval_fn = make_env_fn(cfg, sandbox, eval_env=True)
+        comps.tokenizer = load_tokenizer(model_dir)
+        comps.engine = VLLMEngine(engine_cfg)
+        comps.closers.append(comps.engine.close)
+        rcfg = cfg.rollout.model_copy(update={"seed": cfg.run.seed})
+        ecfg = rcfg.model_copy(
+            update={"temperature": cfg.eval.temperature, "max_turns": cfg.eval.max_turns or rcfg.max_turns}
+        )
+        comps.runner = RolloutRunner(comps.engine, comps.tokenizer, env_fn, rcfg)
+        comps.eval_runner = RolloutRunner(comps.engine, comps.tokenizer, eval_fn, ecfg)
+        comps.closers += [comps.runner.close, comps.eval_runner.close]
+        comps.num_tasks = num_tasks_of(env_fn)
+        comps.num_eval_tasks = num_tasks_of(eval_fn)
+        comps.model_dir = model_dir  # type: ignore[attr-defined]
+    except BaseException:
+        comps.close()
+        raise
+    return comps
+
+
+def run_eval(comps: Components, policy_version: int, num_tasks: int | None = None, samples: int | None = None):
+    """Held-out evaluation: the first N eval tasks, `samples` each. Returns (metrics, per-problem records)."""
+    from alp_agent.eval import aggregate, problem_records
+
+    n = min(num_tasks if num_tasks is not None else comps.cfg.eval.num_tasks, comps.num_eval_tasks)
+    k = samples or comps.cfg.eval.samples
+    if n <= 0:
+        return {}, []
+    trajs = comps.eval_runner.run(list(range(n)), k, policy_version)
+    records = problem_records(trajs)
+    return aggregate(records), records
+
+
+def render_episode(t: Trajectory, tokenizer) -> str:
+    """Readable text of one episode: model tokens and tool/template tokens marked apart (decoded for display only)."""
+    lines = [
+        (
+            f"=== task {t.info.get('task_index')} sample {t.info.get('sample_index')} | reward {t.reward:.2f} | "
+            f"turns {t.num_turns} | tool calls {t.num_tool_calls} (errors {t.num_tool_errors}) | {t.finish_reason}"
+        ),
+        "--- prompt ---",
+        tokenizer.decode(t.prompt_ids),
+    ]
+    i, ids, mask = 0, t.completion_ids, t.loss_mask
+    while i < len(ids):
+        j = i
+        while j < len(ids) and mask[j] == mask[i]:
+            j += 1
+        lines.append("--- model ---" if mask[i] else "--- tool / template ---")
+        lines.append(tokenizer.decode(ids[i:j]))
+        i = j
+    return "\n".join(lines) + "\n"
+
+
+def write_samples(run_dir: Path, batch: int, trajs: list[Trajectory], tokenizer, n: int) -> None:
+    if n <= 0 or not trajs:
+        return
+    chosen = trajs[:: max(1, len(trajs) // n)][:n]
+    with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+        f.writelines(json.dumps({"batch": batch, "text": render_episode(t, tokenizer), **t.to_dict()}) + "\n" for t in chosen)
+    with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
+        f.write(f"\n##### batch {batch}\n")
+        f.writelines(render_episode(t, tokenizer) for t in chosen)
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold Ctrl-C until the block ends, so an update is never cut between optimizer steps (a checkpoint written
+    after it is then consistent); the interrupt is re-raised when the block exits."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    old = signal.signal(signal.SIGINT, lambda *_: pending.append(1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.run.out_dir) / cfg.run.name
+
+
+def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """The main job. Returns a summary dict (accuracy before/after, last metrics, run dir)."""
+    import torch
+
+    from alp_agent.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from alp_agent.logging import MetricsWriter
+    from alp_agent.models import load_model
+    from alp_agent.progress import Progress
+    from alp_agent.trainer import Trainer, task_cursor
+
+    run_dir = run_dir_of(cfg)
+    ckpt_dir = run_dir / "checkpoints"
+    if run_dir.exists() and latest_checkpoint(ckpt_dir) is not None and not resume:
+        raise ConfigError(f"run directory {run_dir} already holds checkpoints: pass --resume, or set run.name=...")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.run.seed)
+
+    ui = Progress(enabled=progress, total=cfg.run.iterations)
+    summary: dict[str, Any] = {"run_dir": str(run_dir)}
+    with ui:
+        ui.phase("starting: sandbox, vLLM, model")
+        comps = build_inference(cfg)
+        writer = MetricsWriter(run_dir, tensorboard=cfg.run.tensorboard, wandb_project=cfg.run.wandb_project,
+                               run_config=cfg.model_dump(mode="json"))
+        comps.closers.append(writer.close)
+        try:
+            model = load_model(comps.model_dir, dtype=torch.float32)  # type: ignore[attr-defined]
+            trainer = Trainer(model, cfg.trainer, writer=writer)
+            comps.trainer = trainer
+            ckpt = latest_checkpoint(ckpt_dir) if resume else None
+            if ckpt is not None:
+                load_checkpoint(trainer, ckpt)
+                trainer.sync_weights(comps.engine)  # the engine must sample with the resumed weights
+                ui.note(f"resumed from {ckpt} (batch {trainer.batch})")
+            summary.update(_loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir, task_cursor, save_checkpoint))
+        finally:
+            comps.close()
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir, task_cursor, save_checkpoint) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+
+    def evaluate(tag: str) -> float | None:
+        if cfg.eval.num_tasks <= 0:
+            return None
+        ui.phase(f"eval ({tag})")
+        m, records = run_eval(comps, trainer.policy_version)
+        writer.write("eval", trainer.batch, m)
+        with open(run_dir / f"eval_batch{trainer.batch:04d}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        ui.update(eval_acc=m.get("accuracy"))
+        return m.get("accuracy")
+
+    if cfg.eval.before_and_after and trainer.batch == 0:
+        summary["accuracy_before"] = evaluate("before")
+    elif (run_dir / "summary_before.json").is_file():
+        summary.update(json.loads((run_dir / "summary_before.json").read_text()))
+    (run_dir / "summary_before.json").write_text(json.dumps({"accuracy_before": summary.get("accuracy_before")}))
+
+    stream = task_cursor(comps.num_tasks, cfg.run.prompts_per_batch, trainer.data_cursor, cfg.run.seed)
+    last: dict[str, float] = {}
+    interrupted = False
+    try:
+        while trainer.batch < cfg.run.iterations:
+            ui.phase("rollout")
+            t0 = time.perf_counter()
+            cursor, tasks = next(stream)
+            trajs = comps.runner.run(tasks, cfg.run.samples_per_prompt, trainer.policy_version)
+            t_roll = time.perf_counter() - t0
+            write_samples(run_dir, trainer.batch, trajs, comps.tokenizer, cfg.run.sample_episodes)
+            ui.phase("update")
+            with deferred_interrupt():
+                trainer.data_cursor = cursor
+                m = trainer.update(trajs)
+                t0 = time.perf_counter()
+                ui.phase("weight sync")
+                trainer.sync_weights(comps.engine)
+            timing = {"time/rollout": t_roll, "time/sync": time.perf_counter() - t0, **comps.runner.last_metrics}
+            writer.write("batch_time", trainer.batch, timing)
+            last = {**m, **timing}
+            ui.update(batch=trainer.batch, metrics=last)
+            if cfg.eval.every and trainer.batch % cfg.eval.every == 0 and trainer.batch < cfg.run.iterations:
+                evaluate(f"batch {trainer.batch}")
+            if cfg.run.checkpoint_every and trainer.batch % cfg.run.checkpoint_every == 0:
+                ui.phase("checkpoint")
+                with deferred_interrupt():
+                    save_checkpoint(trainer, ckpt_dir, keep_last=cfg.run.keep_checkpoints)
+    except KeyboardInterrupt:
+        interrupted = True
+        ui.note("interrupted: writing a checkpoint, then exiting (continue with --resume)")
+        save_checkpoint(trainer, ckpt_dir, keep_last=cfg.run.keep_checkpoints)
+    writer.flush()
+    summary["interrupted"] = interrupted
+    summary["batches"] = trainer.batch
+    summary["last_metrics"] = last
+    if not interrupted:
+        save_checkpoint(trainer, ckpt_dir, keep_last=cfg.run.keep_checkpoints)
+        if cfg.eval.before_and_after:
+            summary["accuracy_after"] = evaluate("after")
+    return summary

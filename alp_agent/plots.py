@@ -1,0 +1,151 @@
+"""`alp-agent report`: PNG plots and a markdown summary from a run directory's metrics.jsonl.
+
+Works on a running run too (it only reads what has been flushed). Plots: reward and held-out accuracy, the
+sequence-ratio quantile envelope over steps, train-inference KL, sigma per layer, tool calls per episode.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
+    """Records of metrics.jsonl grouped by kind; unreadable (half-written) lines are skipped."""
+    out: dict[str, list[dict]] = {}
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory?")
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        out.setdefault(rec.get("kind", "?"), []).append(rec)
+    return out
+
+
+def series(recs: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _first_key(recs: list[dict], *keys: str) -> str | None:
+    for k in keys:
+        if any(r.get(k) is not None for r in recs):
+            return k
+    return None
+
+
+def envelope(ax, recs: list[dict], prefix: str, label: str, color: str | None = None) -> bool:
+    """Shade the P2..P98 band of a ratio over steps (falls back to P1..P99 / P5..P95), with the median line."""
+    lo = _first_key(recs, f"{prefix}/p2", f"{prefix}/p1", f"{prefix}/p5")
+    hi = {f"{prefix}/p2": f"{prefix}/p98", f"{prefix}/p1": f"{prefix}/p99", f"{prefix}/p5": f"{prefix}/p95"}.get(lo or "")
+    if lo is None or hi is None:
+        return False
+    x, ylo = series(recs, lo)
+    _, yhi = series(recs, hi)
+    xm, ym = series(recs, f"{prefix}/p50")
+    n = min(len(x), len(ylo), len(yhi))
+    line = ax.plot(xm, ym, label=f"{label} median", color=color)[0]
+    ax.fill_between(x[:n], ylo[:n], yhi[:n], alpha=0.25, color=line.get_color(),
+                    label=f"{label} {lo.rsplit('/', 1)[1].upper()}-{hi.rsplit('/', 1)[1].upper()}")
+    return True
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write plots/*.png and report.md into the run directory; returns the report path."""
+    m = read_metrics(run_dir)
+    batch, step, ev = m.get("batch", []), m.get("step", []), m.get("eval", [])
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    made = []
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*series(batch, "reward/mean"), marker="o", label="train reward (mean)")
+    if ev:
+        ax.plot(*series(ev, "accuracy"), marker="s", label="held-out accuracy")
+    ax.set_xlabel("batch")
+    ax.legend()
+    ax.set_title("reward and accuracy")
+    fig.tight_layout()
+    fig.savefig(plots / "reward.png", dpi=110)
+    plt.close(fig)
+    made.append("reward.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    prefix = "ratio_seq_vs_infer" if _first_key(step, "ratio_seq_vs_infer/p50") else "ratio_seq_vs_old"
+    if envelope(ax, step, prefix, "sequence ratio"):
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="gray", lw=0.5)
+        ax.set_xlabel("optimizer step")
+        ax.legend()
+        ax.set_title("sequence importance ratio envelope")
+        fig.tight_layout()
+        fig.savefig(plots / "ratio_envelope.png", dpi=110)
+        made.append("ratio_envelope.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in [("kl_train_infer/noisy/k3", "train(perturbed)-infer k3"),
+                       ("kl_train_infer/clean/k3", "train(clean)-infer k3"), ("kl_noise/k3", "noise alone k3")]:
+        x, y = series(step, key)
+        if y:
+            ax.plot(x, y, label=label)
+    ax.set_yscale("symlog", linthresh=1e-6)
+    ax.set_xlabel("optimizer step")
+    ax.legend()
+    ax.set_title("train-inference KL")
+    fig.tight_layout()
+    fig.savefig(plots / "kl.png", dpi=110)
+    plt.close(fig)
+    made.append("kl.png")
+
+    layer_keys = sorted({k for r in step for k in r if k.startswith("sigma/layer_")},
+                        key=lambda k: int(k.rsplit("_", 1)[1]))
+    if layer_keys:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        cmap = plt.get_cmap("viridis")
+        for i, k in enumerate(layer_keys):
+            ax.plot(*series(step, k), color=cmap(i / max(len(layer_keys) - 1, 1)), lw=1)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("sigma")
+        ax.set_title(f"sigma per layer ({len(layer_keys)} layers, dark = first)")
+        fig.tight_layout()
+        fig.savefig(plots / "sigma.png", dpi=110)
+        plt.close(fig)
+        made.append("sigma.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*series(batch, "tools/calls_per_episode"), marker="o", label="tool calls / episode")
+    ax.plot(*series(batch, "turns/mean"), marker="x", label="turns / episode")
+    ax.set_xlabel("batch")
+    ax.legend()
+    ax.set_title("tool use")
+    fig.tight_layout()
+    fig.savefig(plots / "tools.png", dpi=110)
+    plt.close(fig)
+    made.append("tools.png")
+
+    lines = [f"# Run report: {run_dir.name}", ""]
+    if ev:
+        accs = [f"batch {r['step']}: {r.get('accuracy', float('nan')):.3f}" for r in ev]
+        lines += ["Held-out accuracy: " + " -> ".join(accs), ""]
+    if batch:
+        last = batch[-1]
+        lines += ["| metric (last batch) | value |", "|---|---|"]
+        for k in ("reward/mean", "ratio_token_vs_infer/p99_9", "ratio_token_vs_infer/max", "ratio_seq_vs_infer/p50",
+                  "steps_mean/kl_train_infer/noisy/k3", "steps_mean/kl_train_infer/clean/k3", "sigma/mean",
+                  "tools/calls_per_episode", "skipped_steps_total", "time/update"):
+            if last.get(k) is not None:
+                lines.append(f"| {k} | {last[k]:.4g} |")
+        lines.append("")
+    lines += [f"![{p}](plots/{p})" for p in made]
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
