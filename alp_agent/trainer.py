@@ -494,7 +494,9 @@ def run_training(
         if engine is not None:
             trainer.sync_weights(engine)
         timing = {"time/rollout": t_roll, "time/sync": time.perf_counter() - t0}
-        trainer._write("batch_time", trainer.batch, timing)
+        # RolloutRunner.run keeps its own metrics (throughput, env timings) on the runner: log them alongside
+        roll_m = getattr(getattr(rollout, "__self__", None), "last_metrics", None) or {}
+        trainer._write("rollout", trainer.batch, {**roll_m, **timing})
         m.update(timing)
         if eval_fn is not None and eval_every > 0 and trainer.batch % eval_every == 0:
             trainer._write("eval", trainer.batch, eval_fn(trainer.policy_version))

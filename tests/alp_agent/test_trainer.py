@@ -324,3 +324,24 @@ def test_export_loads_in_vllm_with_same_logprobs(tmp_path, tiny_model_dir):
     lp, _ = sequence_logprobs(m, torch.tensor([prompt + g.token_ids]))
     ours = lp[0, len(prompt):]
     assert torch.allclose(ours, torch.tensor(g.logprobs), atol=1e-3), (ours, g.logprobs)
+
+
+@pytest.mark.vllm
+def test_sync_weights_into_vllm_in_place(tiny_model_dir):
+    """After an update, sync_weights() makes vLLM (float32) sample with the trainer's new logprobs."""
+    from alp_agent.engine.base import SamplingConfig
+    from alp_agent.engine.vllm_engine import VLLMEngine
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    eng = VLLMEngine(model=tiny_model_dir, dtype="float32", max_model_len=256)
+    try:
+        tr = Trainer(m, config(optim={"lr": 1e-2}))
+        tr.update(make_batch(m, mismatch=0.0))
+        tr.sync_weights(eng)
+        prompt = [5, 17, 42, 9]
+        g = eng.generate([prompt], SamplingConfig(temperature=1.0, max_tokens=16, seed=0))[0]
+    finally:
+        eng.close()
+    m.eval()
+    lp, _ = sequence_logprobs(m, torch.tensor([prompt + g.token_ids]))
+    assert torch.allclose(lp[0, len(prompt):], torch.tensor(g.logprobs), atol=1e-3)
