@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -59,12 +60,48 @@ def _make(backend: str):
 BACKENDS = [pytest.param("local"), pytest.param("docker", marks=pytest.mark.docker)]
 
 
+def _server_procs() -> set[int]:
+    """Our descendants that are session servers or anything started inside a jail."""
+    out = set()
+    for pid in descendants(os.getpid()):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"server.py" in cmd or b"bwrap" in cmd or b"sleep" in cmd:
+            out.add(pid)
+    return out
+
+
+def _our_containers() -> list:
+    import docker
+
+    from sandbox.docker import LABEL, OWNER_LABEL, _owner
+
+    client = docker.from_env()
+    try:
+        return [
+            c.id
+            for c in client.containers.list(all=True, filters={"label": LABEL})
+            if c.labels.get(OWNER_LABEL) == _owner()
+        ]
+    finally:
+        client.close()
+
+
 @pytest.fixture(scope="module", params=BACKENDS)
 def sb(request):
     box = _make(request.param)
     box.backend = request.param
     yield box
     box.close()
+    # Closing the sandbox must leave nothing behind: no jail/server process, no container.
+    t = time.monotonic()
+    while _server_procs() and time.monotonic() < t + 5:
+        time.sleep(0.05)
+    assert not _server_procs(), "leaked sandbox processes"
+    if request.param == "docker":
+        assert not _our_containers(), "leaked sandbox containers"
 
 
 @pytest.fixture
