@@ -13,14 +13,24 @@ import json
 import sys
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL us if the parent dies, so a hung grade never outlives the trainer."""
-    try:
-        import ctypes
-        import signal
+def _limit_cpu(seconds: float) -> None:
+    """Let the next grade use at most `seconds` more CPU time, then SIGXCPU kills this process.
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux / no libc: the parent's kill on timeout and close() still apply
+    The parent kills an overrunning worker itself; this bound also holds when the parent is gone (an orphan stuck in
+    sympy would otherwise spin forever). It is set per request, so a long-lived worker is never killed for CPU it
+    used on earlier grades. (PR_SET_PDEATHSIG is no substitute: it fires when the *thread* that spawned us exits.)
+    """
+    try:
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        used = usage.ru_utime + usage.ru_stime
+        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        soft = int(used + seconds) + 1
+        if hard != resource.RLIM_INFINITY:
+            soft = min(soft, hard)
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+    except (ImportError, ValueError, OSError):
         return
 
 
@@ -53,7 +63,6 @@ def _grade(req: dict) -> dict:
 
 
 def main() -> None:
-    _die_with_parent()
     _limit_memory(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
     import logging
 
@@ -67,7 +76,9 @@ def main() -> None:
     out.flush()
     for line in sys.stdin:
         try:
-            reply = _grade(json.loads(line))
+            req = json.loads(line)
+            _limit_cpu(3 * float(req.get("timeout", 5)) + 2)
+            reply = _grade(req)
         except MemoryError:
             reply = {"correct": False, "reason": "memory"}
         except Exception as exc:  # noqa: BLE001  a grade is never an exception for the caller, only a reason

@@ -235,9 +235,9 @@ class Grader:
             "float_rounding": self.config.float_rounding,
         }
         reply = worker.request(payload, self.config.timeout_s)
-        if reply is None:  # overran or died: kill it, the next grade starts a fresh one
+        if reply is None:  # overran or died: kill it and start a replacement in the background
             worker.kill()
-            self._release(None)
+            threading.Thread(target=self._replace, daemon=True, name="alp-grader-respawn").start()
             return GradeResult(False, "timeout")
         self._release(worker)
         return GradeResult(bool(reply.get("correct")), str(reply.get("reason", "")))
@@ -258,6 +258,15 @@ class Grader:
         except Exception:
             self._release(None)
             raise
+
+    def _replace(self) -> None:
+        """Start a worker for a killed one (its slot in `_live` is kept), so the next grade pays no startup."""
+        try:
+            worker = _Worker(self.config.memory_mb)
+        except Exception:  # noqa: BLE001  the next _acquire will try again and report the reason
+            self._release(None)
+            return
+        self._release(worker)
 
     def _release(self, worker: _Worker | None) -> None:
         with self._cond:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -139,8 +140,6 @@ def test_grades_from_many_threads(grader):
 
 
 def test_close_kills_workers():
-    import os
-
     g = Grader(GradingConfig(workers=1))
     assert g.grade("\\sqrt{4}", "2").correct
     pids = g.pids()
@@ -150,3 +149,39 @@ def test_close_kills_workers():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not g.grade("\\sqrt{4}", "3").correct  # closed grader: a reason, not an exception
+
+
+def test_orphaned_hung_worker_dies_on_its_own(tmp_path):
+    """If the trainer dies while a grade hangs, the worker's per-grade CPU limit still ends it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "orphan.py"
+    script.write_text(
+        "import os, sys, threading, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
+        "from envs.grading import Grader, GradingConfig\n"
+        "g = Grader(GradingConfig(timeout_s=1.0, workers=1))\n"
+        "g.grade('\\\\sqrt4', '2')\n"
+        "print(g.pids()[0], flush=True)\n"
+        "threading.Thread(target=lambda: g.grade('9^{9^{9^{9}}}', '1'), daemon=True).start()\n"
+        "time.sleep(0.3)\n"
+        "os._exit(0)\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], check=True, capture_output=True, text=True, timeout=60)
+    pid = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        stat = (
+            Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(f"/proc/{pid}").exists() else ""
+        )
+        if stat == "Z":
+            return
+        time.sleep(0.2)
+    os.kill(pid, 9)
+    raise AssertionError("orphaned grader worker still running after 15 s")
