@@ -118,8 +118,10 @@ def test_hung_grade_is_zero_with_reason_within_the_limit():
         t0 = time.monotonic()
         res = g.grade("9^{9^{9^{9}}}", "1")
         elapsed = time.monotonic() - t0
-        assert not res.correct and res.reason in ("timeout", "memory"), res
-        assert elapsed < 3.0, elapsed
+        # "timeout" (killed at the deadline), or "memory"/"mismatch" when the worker's address-space cap made sympy
+        # give up first; either way a 0, fast. The slack covers a loaded CI machine.
+        assert not res.correct and res.reason in ("timeout", "memory", "mismatch"), res
+        assert elapsed < 6.0, elapsed
         # the grader recovers: a fresh worker answers the next grade
         assert g.grade("\\sqrt{8}", "2\\sqrt{2}").correct
 
@@ -171,7 +173,7 @@ def test_orphaned_hung_worker_dies_on_its_own(tmp_path):
     )
     out = subprocess.run([sys.executable, str(script)], check=True, capture_output=True, text=True, timeout=60)
     pid = int(out.stdout.split()[0])
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60  # 5 s of CPU time; wall time is longer on a loaded machine
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
@@ -184,4 +186,4 @@ def test_orphaned_hung_worker_dies_on_its_own(tmp_path):
             return
         time.sleep(0.2)
     os.kill(pid, 9)
-    raise AssertionError("orphaned grader worker still running after 15 s")
+    raise AssertionError("orphaned grader worker still running after 60 s")
