@@ -297,7 +297,7 @@ class ToolEnv(gym.Env):
         parsed = parse_turn(action, cfg.tool_format, self.tools, cfg.max_call_chars)
         self._transcript.append({"role": "assistant", "content": parsed.text})
 
-        contents: list[str] = [f"Error: {e.message}" for e in parsed.errors if e.kind != INVALID_TEXT]
+        contents: list[str] = []  # one tool message per call (its output or why it did not run), then parse errors
         notes = [e.message for e in parsed.errors if e.kind == INVALID_TEXT]
         parse_error_kinds = [e.kind for e in parsed.errors]
         tool_calls = tool_errors = truncated_obs = 0
@@ -324,6 +324,7 @@ class ToolEnv(gym.Env):
             truncated_obs += cut
             contents.append(self._wrap_output(text))
 
+        contents += [f"Error: {e.message}" for e in parsed.errors if e.kind != INVALID_TEXT]
         ep.tool_errors += tool_errors
         ep.parse_errors += len(parse_error_kinds)
         ep.observation_truncated += truncated_obs
