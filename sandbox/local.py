@@ -381,12 +381,16 @@ class LocalSandbox(PooledSandbox):
         cmd += ["--perms", "1777", "--size", str(c.tmp_size_mb * 1024 * 1024), "--tmpfs", "/tmp"]
         if Path("/run").is_dir():
             cmd += ["--tmpfs", "/run"]  # hides the docker socket and other daemons' sockets
-        hidden, keep = _hidden_ancestors(_needed_paths(self.python))
+        needed = _needed_paths(self.python)
+        hidden, _ = _hidden_ancestors(needed)
         for h in hidden:  # e.g. /root (0700) holding pyenv: replace by an empty dir, then show only what we need
             cmd += ["--perms", "0755", "--tmpfs", h]
-        for p in keep:  # bwrap would create the dirs in between as 0700; make them traversable first
-            h = next(h for h in hidden if p.startswith(h + "/"))
-            for mid in reversed(Path(p).parents):
+        masked = [*hidden, "/tmp", "/run"]  # a checkout or venv under /tmp must still be visible (read-only)
+        for p in needed:
+            h = next((h for h in masked if p.startswith(h + "/")), None)
+            if h is None:
+                continue
+            for mid in reversed(Path(p).parents):  # bwrap would create these as 0700: make them traversable
                 if str(mid).startswith(h + "/"):
                     cmd += ["--perms", "0755", "--dir", str(mid)]
             cmd += ["--ro-bind", p, p]
