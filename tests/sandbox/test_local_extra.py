@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from sandbox import ExecStatus, SandboxConfig, local
@@ -37,10 +35,8 @@ def test_max_sessions_bounds_open_sessions():
 
 def test_cpu_limit_kills_session():
     with LocalSandbox(SandboxConfig(pool_size=1, cpu_s=1)) as sb, sb.session() as s:
-        t = time.perf_counter()
-        r = s.run("while True: pass", timeout=20)
+        r = s.run("while True: pass", timeout=120)  # wall clock is generous: only the CPU limit may end it
         assert r.status == ExecStatus.TIMEOUT and "CPU" in r.stderr
-        assert time.perf_counter() - t < 10
 
 
 def test_fork_bomb_hits_the_pids_limit():

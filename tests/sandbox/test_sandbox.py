@@ -43,7 +43,7 @@ def test_100mb_output_is_capped(session):
     )
     assert r.status == ExecStatus.OUTPUT_LIMIT and r.truncated
     assert len(r.stdout) + len(r.stderr) <= TEST_CONFIG["max_output_bytes"]
-    assert time.perf_counter() - t < 5
+    assert time.perf_counter() - t < 15
     r = session.run("import os\nos.write(1, b'z' * 10_000_000)")  # fd-level output is capped too
     assert r.truncated and len(r.stdout) <= TEST_CONFIG["max_output_bytes"]
     assert session.run("1").stdout == "1\n"
@@ -72,7 +72,7 @@ def test_timeout_kills_and_next_call_reports_state_lost(sb, session):
     session.run("z = 1")
     t = time.perf_counter()
     r = session.run("while True: pass", timeout=1)
-    assert r.status == ExecStatus.TIMEOUT and time.perf_counter() - t < 4
+    assert r.status == ExecStatus.TIMEOUT and time.perf_counter() - t < 8  # generous: CI shares 2 cores
     r = session.run("z")
     assert r.state_lost and r.status == ExecStatus.ERROR and "NameError" in r.stderr
     assert session.run("z = 2\nz").stdout == "2\n" and not session.run("z").state_lost
