@@ -111,3 +111,23 @@ def test_synthetic_answers_are_gradable():
         for lv in GENERATORS:
             t = make_task(1, lv)
             assert g.grade(t.answer, t.answer).correct, t
+
+
+def test_hf_datasets_path_with_a_stub(monkeypatch, tmp_path):
+    """Without a local copy, built-in names go to `datasets.load_dataset` (stubbed here: no network in tests)."""
+    import sys
+    import types
+
+    seen = {}
+
+    def load_dataset(path, name=None, split=None):
+        seen.update(path=path, name=name, split=split)
+        return [{"question": "q1", "answer": "work\n#### 1,000"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.delenv("ALP_DATA_DIR", raising=False)
+    tasks = load_tasks(DatasetConfig(name="gsm8k", data_dir=str(tmp_path), split="train"))
+    assert seen == {"path": "openai/gsm8k", "name": "main", "split": "train"}
+    assert [(t.prompt, t.answer) for t in tasks] == [("q1", "1000")]
+    tasks = load_tasks(DatasetConfig(name="hf", hf_path="me/set", question_field="question"))
+    assert seen["path"] == "me/set" and tasks[0].answer == "work\n#### 1,000"  # raw format unless told
