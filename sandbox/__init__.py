@@ -8,9 +8,13 @@ One Sandbox per process, shared by every env (thread-safe; it owns the warm pool
     async with sb.asession() as s:                           # from asyncio
         r = await s.arun("x = 1", timeout=5)
     sb.close()                                               # kills every session and warm worker
+
+Envs should not each build a Sandbox (each would start its own warm pool): `shared_sandbox(config)` returns the
+process-wide one for that config, closed at exit.
 """
 
 from sandbox.base import ExecResult, ExecStatus, Sandbox, Session, make_sandbox
 from sandbox.config import SandboxConfig
+from sandbox.pool import shared_sandbox
 
-__all__ = ["ExecResult", "ExecStatus", "Sandbox", "SandboxConfig", "Session", "make_sandbox"]
+__all__ = ["ExecResult", "ExecStatus", "Sandbox", "SandboxConfig", "Session", "make_sandbox", "shared_sandbox"]

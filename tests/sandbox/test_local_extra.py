@@ -61,3 +61,18 @@ def test_cgroups_removed_on_close():
             assert path.exists()
             assert int((path / "pids.max").read_text()) == sb.config.max_processes + 3
         assert not path.exists()
+
+
+def test_shared_sandbox_is_one_per_config():
+    from sandbox import shared_sandbox
+
+    cfg = SandboxConfig(pool_size=1, timeout_s=7)
+    a, b = shared_sandbox(cfg), shared_sandbox(SandboxConfig(pool_size=1, timeout_s=7))
+    assert a is b and shared_sandbox(SandboxConfig(pool_size=1, timeout_s=8)) is not a
+    with a.session() as s:
+        assert s.run("6 * 7").stdout == "42\n"
+    from sandbox.pool import _close_shared
+
+    _close_shared()
+    assert shared_sandbox(cfg) is not a
+    _close_shared()
