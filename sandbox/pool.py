@@ -155,5 +155,5 @@ def _close_shared() -> None:
     for sb in boxes:
         try:
             sb.close()
-        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+        except Exception:  # best effort at interpreter exit
             log.debug("closing shared sandbox failed", exc_info=True)
