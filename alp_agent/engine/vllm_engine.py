@@ -91,8 +91,10 @@ class VLLMEngine(Engine):
     # --- request path -------------------------------------------------------------------------------------------
     def _params(self, s: SamplingConfig):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(
+            output_kind=RequestOutputKind.FINAL_ONLY,  # no per-step cumulative copies (O(n^2) in Python)
             temperature=s.temperature,
             top_p=s.top_p,
             top_k=s.top_k if s.top_k > 0 else -1,
