@@ -240,14 +240,18 @@ class ToolEnv(gym.Env):
 
     @property
     def sandbox(self) -> Sandbox:
-        """The shared sandbox, or this env's own LocalSandbox created on first use."""
+        """The sandbox passed in, or else the process-wide one for this env's sandbox config.
+
+        Why process-wide: each Sandbox keeps `pool_size` warm jails/containers; 64 envs creating their own would
+        start 64 pools. `shared_sandbox` gives one per distinct config, closed at interpreter exit.
+        """
         if self._shared_sandbox is not None:
             return self._shared_sandbox
         with self._sandbox_lock:
             if self._own_sandbox is None:
-                from sandbox.base import make_sandbox
+                from sandbox.pool import shared_sandbox
 
-                self._own_sandbox = make_sandbox(self.config.sandbox_config or SandboxConfig())
+                self._own_sandbox = shared_sandbox(self.config.sandbox_config or SandboxConfig())
             return self._own_sandbox
 
     def _get_session(self) -> Session:
@@ -401,9 +405,7 @@ class ToolEnv(gym.Env):
         return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in self._transcript)
 
     def close(self) -> None:
-        """Close the episode's session and, if this env created it, its own sandbox. Safe to call twice."""
+        """Close the episode's session (the process-wide sandbox stays up for other envs). Safe to call twice."""
         self._close_session()
-        own, self._own_sandbox = self._own_sandbox, None
-        if own is not None:
-            own.close()
+        self._own_sandbox = None
         self._ep.done = True

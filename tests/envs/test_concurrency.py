@@ -54,13 +54,24 @@ def test_64_envs_step_concurrently_without_leaks():
     assert not leaked, f"processes left after close: {leaked}"
 
 
-def test_env_without_sandbox_owns_and_closes_one():
-    before = _live(descendants())
+def test_envs_without_sandbox_share_the_process_wide_one():
+    from sandbox.pool import shared_sandbox
+
     env = gym.make("alp/MathTool-v0", sandbox_config={"pool_size": 1})
+    other = gym.make("alp/MathTool-v0", sandbox_config={"pool_size": 1})
     env.reset(seed=0)
     obs, *_ = env.step("```python\nprint(2 ** 10)\n```\n")
     assert "1024" in obs[0]["content"]
+    sb = env.unwrapped.sandbox
+    assert other.unwrapped.sandbox is sb  # one warm pool per config, not one per env
+    sessions_before_close = _live(descendants())
     env.close()
     env.close()  # twice is fine
-    leaked = _live(descendants()) - before
-    assert not leaked, leaked
+    other.close()
+    # the episode's session is gone; only the shared warm pool (closed at exit) may remain
+    assert _live(descendants()) <= sessions_before_close
+    shared = shared_sandbox(env.unwrapped.config.sandbox_config)
+    assert shared is sb
+    s = shared.session()
+    assert s.run("1 + 1").stdout.strip() == "2"  # still usable by other envs after one env closed
+    s.close()
