@@ -210,6 +210,21 @@ def test_export_loads_in_transformers(tmp_path):
     assert torch.allclose(sequence_logprobs(loaded, ids)[0], sequence_logprobs(m, ids)[0], atol=1e-6)
 
 
+def test_export_bf16_with_tied_embeddings(tmp_path):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                      tie_word_embeddings=True)
+    m = LlamaForCausalLM(cfg).float()
+    Trainer(m, config()).update(make_batch(m))
+    out = export_hf(m, tmp_path / "export", dtype=torch.bfloat16)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(loaded.model.embed_tokens.weight, m.model.embed_tokens.weight.detach().bfloat16())
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert m.model.embed_tokens.weight.dtype == torch.float32  # the live model is untouched
+
+
 # ------------------------------------------------------------------ metrics writer
 def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
     w = MetricsWriter(tmp_path)
