@@ -1,0 +1,117 @@
+"""CLI smoke tests on a tiny random model with the real vLLM, sandbox and env: train 2 iterations, resume,
+eval, export, report; config errors give one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alp_agent.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO.parent / "shared" / "data"
+
+
+def _small(tiny: str, out: Path, name: str = "smoke") -> list[str]:
+    return [
+        f"engine.model={tiny}", f"run.out_dir={out}", f"run.name={name}", "run.prompts_per_batch=2",
+        "run.samples_per_prompt=2", "eval.num_tasks=2", "rollout.max_tokens_per_turn=16", "engine.max_model_len=1024",
+        "run.tensorboard=false", "trainer.update.updates_per_batch=2",
+    ]
+
+
+def test_config_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  algo:\n    nmae: alp\n")
+    assert main(["train", "-c", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trainer.algo.nmae" in err[0] and "unknown key" in err[0]
+
+    assert main(["train", "-c", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("run: [1, 2\n")
+    assert main(["train", "-c", str(broken)]) == 2
+    assert "invalid YAML" in capsys.readouterr().err
+
+    assert main(["train", "trainer.optim.lr=-1"]) == 2
+    assert "trainer.optim.lr" in capsys.readouterr().err
+
+    assert main(["train", "engine.model=/nonexistent/model/dir", "run.out_dir=" + str(tmp_path)]) == 2
+    assert "engine.model" in capsys.readouterr().err
+
+
+def test_every_shipped_config_validates():
+    from alp_agent.config import RunConfig
+    from alp_agent.config_io import load_config
+
+    files = sorted((REPO / "configs").rglob("*.yaml"))
+    assert files
+    for f in files:
+        load_config(RunConfig, f)
+
+
+def test_envs_lists_builtins(capsys):
+    assert main(["envs"]) == 0
+    out = capsys.readouterr().out
+    assert "alp/MathTool-v0" in out and "alp/MathToolJSON-v0" in out
+
+
+@pytest.mark.vllm
+def test_train_resume_export_report_eval(tiny_model_dir, tmp_path, capsys):
+    args = _small(tiny_model_dir, tmp_path)
+    assert main(["train", "-c", str(REPO / "configs/quickstart.yaml"), "--quiet", *args, "run.iterations=1"]) == 0
+    run = tmp_path / "smoke"
+    out = capsys.readouterr().out
+    assert "held-out accuracy before training" in out and "after training" in out
+    for f in ("config.yaml", "metrics.jsonl", "samples.jsonl", "samples.txt", "summary.json"):
+        assert (run / f).is_file(), f
+    # a second start without --resume refuses to overwrite
+    assert main(["train", "-c", str(REPO / "configs/quickstart.yaml"), "--quiet", *args, "run.iterations=2"]) == 2
+    capsys.readouterr()
+    # resume continues from batch 1 to 2
+    assert main(["train", "-c", str(REPO / "configs/quickstart.yaml"), "--quiet", "--resume", *args,
+                 "run.iterations=2"]) == 0
+    batches = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in batches if r["kind"] == "batch"] == [1, 2]
+    steps = [r["step"] for r in batches if r["kind"] == "step"]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no optimizer step repeated after resume
+
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.md").is_file() and (run / "plots" / "reward.png").is_file()
+    assert (run / "plots" / "ratio_envelope.png").is_file()
+
+    assert main(["export", str(run)]) == 0
+    export = run / "export"
+    assert (export / "config.json").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(next(export.glob("*.safetensors"))), "pt") as f:
+        assert not any("sigma" in k for k in f.keys())  # noqa: SIM118 - safe_open has no __iter__
+
+    capsys.readouterr()
+    evals = tmp_path / "evals"
+    assert main(["eval", "--model", str(run), "-b", "synthetic", "--limit", "3", "--k", "2", "--max-turns", "2",
+                 "--out", str(evals), "rollout.max_tokens_per_turn=16", "engine.max_model_len=1024"]) == 0
+    rows = json.loads((evals / "summary.json").read_text())
+    assert rows[0]["problems"] == 3 and "pass@2" in rows[0] and 0.0 <= rows[0]["accuracy"] <= 1.0
+    per_problem = (evals / "synthetic-k2-t1.jsonl").read_text().splitlines()
+    assert len(per_problem) == 3 and len(json.loads(per_problem[0])["correct"]) == 2
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data not present")
+def test_eval_gsm8k_resumes(tiny_model_dir, tmp_path):
+    out = tmp_path / "ev"
+    common = ["eval", "--model", tiny_model_dir, "-b", "gsm8k", "--out", str(out), "--data-dir", str(DATA),
+              "--max-turns", "1", "rollout.max_tokens_per_turn=8", "engine.max_model_len=1024"]
+    assert main([*common, "--limit", "2"]) == 0
+    path = out / "gsm8k-k1-t0.jsonl"
+    first = path.read_text().splitlines()
+    assert len(first) == 2
+    assert main([*common, "--limit", "3"]) == 0  # only problem 3 is computed
+    lines = path.read_text().splitlines()
+    assert lines[:2] == first and len(lines) == 3
