@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The README's first command: install everything, then train the embedded default (SmolLM2-135M-Instruct, vLLM on the
+# CPU, synthetic math tool env, Seq-ALP) and print the held-out accuracy before and after. Extra arguments are
+# config overrides, e.g. `bash scripts/quickstart.sh run.iterations=2`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. "${ALP_VENV:-.venv}/bin/activate"
+export VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-WARNING}"
+exec alp-agent train --config configs/quickstart.yaml "$@"
