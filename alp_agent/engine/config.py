@@ -33,6 +33,11 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = Field(
         True, description="Reuse KV of shared prefixes (multi-turn episodes resend their history every turn)."
     )
+    block_size: int | None = Field(
+        None,
+        description="KV cache block size; None = vLLM's default (128 on CPU, 16 on CUDA). Prefix caching reuses only "
+        "full blocks, so smaller blocks (CPU: multiples of 32) reuse more of a multi-turn episode's history.",
+    )
     nonfinite_logprobs: Literal["raise", "flag"] = Field(
         "raise",
         description="A NaN/inf sampled-token logprob means broken weights or kernels. 'raise' stops with "

@@ -31,7 +31,7 @@ class HFEngine(Engine):
     def __init__(self, config: EngineConfig | None = None, device: str | torch.device | None = None, **overrides):
         from transformers import AutoModelForCausalLM
 
-        config = (config or EngineConfig()).model_copy(update=overrides) if overrides else (config or EngineConfig())
+        config = EngineConfig.model_validate({**(config or EngineConfig()).model_dump(), **overrides})
         self.config = config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model_path = resolve_model(config.model)

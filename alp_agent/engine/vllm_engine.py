@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import gc
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -29,6 +31,8 @@ from alp_agent.engine.base import Engine, Generation, SamplingConfig
 from alp_agent.engine.checks import check_logprobs
 from alp_agent.engine.config import EngineConfig
 from alp_agent.models import resolve_model
+
+log = logging.getLogger(__name__)
 
 
 def _set_vllm_env(config: EngineConfig) -> None:
@@ -57,8 +61,7 @@ class VLLMEngine(Engine):
     `VLLMEngine(model=path, dtype="float32")`."""
 
     def __init__(self, config: EngineConfig | None = None, **overrides):
-        config = (config or EngineConfig()).model_copy(update=overrides) if overrides else (config or EngineConfig())
-        EngineConfig.model_validate(config.model_dump())  # re-validate overrides
+        config = EngineConfig.model_validate({**(config or EngineConfig()).model_dump(), **overrides})
         self.config = config
         _set_vllm_env(config)
         from vllm import LLM
@@ -76,6 +79,8 @@ class VLLMEngine(Engine):
             "distributed_executor_backend": "uni" if config.tensor_parallel_size == 1 else None,
             "tensor_parallel_size": config.tensor_parallel_size,
         }
+        if config.block_size is not None:
+            kwargs["block_size"] = config.block_size
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
         self.llm = LLM(**kwargs)
@@ -210,6 +215,15 @@ class VLLMEngine(Engine):
         self._run_job(load)
 
     def close(self) -> None:
-        if not self._closed:
+        """Stop the stepping thread and release vLLM (KV cache, model) so another engine can start in-process."""
+        if self._thread.is_alive():
             self._inbox.put(None)
             self._thread.join(timeout=30)
+        self._closed = True
+        if getattr(self, "llm", None) is not None:
+            try:
+                self._engine.engine_core.shutdown()
+            except Exception as exc:  # noqa: BLE001 - best effort at teardown
+                log.debug("vLLM shutdown: %s", exc)
+            self.llm = self._engine = None
+            gc.collect()

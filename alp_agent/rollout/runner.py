@@ -138,7 +138,8 @@ class RolloutRunner:
                 top_k=cfg.top_k,
                 max_tokens=budget,
                 stop=stop,
-                seed=(seed * 31 + turns) % (2**31),
+                # per-request seeds make vLLM sample each request with its own generator (slower): only when asked
+                seed=(seed * 31 + turns) % (2**31) if cfg.seed is not None else None,
             )
             gen = await self.engine.agenerate(tr.ids, sampling)
             content = tr.add_model_turn(gen.token_ids, gen.logprobs)
