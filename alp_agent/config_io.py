@@ -67,6 +67,28 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml_with_base(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML config; a top-level `base: other.yaml` (relative to this file) is loaded first and this file's
+    keys are deep-merged over it, so a baseline config states only what differs from the one it extends."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a path to another YAML file")
+    return _deep_merge(read_yaml_with_base(path.parent / base, (*_seen, path)), data)
+
+
 def format_validation_error(err: ValidationError, source: str = "config") -> str:
     """One line per problem, each naming the key's dotted path, e.g. `algo.sigma0: Input should be > 0`."""
     parts = []
@@ -86,7 +108,7 @@ def validate(model_cls: type[M], data: dict, source: str = "config") -> M:
 
 def load_config(model_cls: type[M], path: str | Path | None = None, overrides: list[str] | None = None) -> M:
     """Read YAML (optional), apply overrides, validate into `model_cls`. Raises ConfigError with one clear line."""
-    data = read_yaml(path) if path is not None else {}
+    data = read_yaml_with_base(path) if path is not None else {}
     apply_overrides(data, overrides or [])
     return validate(model_cls, data, str(path) if path else "config")
 

@@ -115,3 +115,18 @@ def test_eval_gsm8k_resumes(tiny_model_dir, tmp_path):
     assert main([*common, "--limit", "3"]) == 0  # only problem 3 is computed
     lines = path.read_text().splitlines()
     assert lines[:2] == first and len(lines) == 3
+
+
+def test_baseline_configs_extend_the_quickstart(tmp_path):
+    from alp_agent.config import RunConfig
+    from alp_agent.config_io import ConfigError, load_config
+
+    quick = load_config(RunConfig, REPO / "configs/quickstart.yaml")
+    for name, algo in [("bypass", "bypass"), ("grpo", "grpo"), ("tis", "tis"), ("mis", "mis"), ("gspo", "gspo")]:
+        cfg = load_config(RunConfig, REPO / f"configs/baselines/{name}.yaml")
+        assert cfg.trainer.algo.name == algo
+        assert cfg.run.iterations == quick.run.iterations and cfg.engine == quick.engine  # inherited, not copied
+    loop = tmp_path / "a.yaml"
+    loop.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(RunConfig, loop)
