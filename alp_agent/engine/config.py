@@ -35,8 +35,10 @@ class EngineConfig(BaseModel):
     )
     block_size: int | None = Field(
         None,
-        description="KV cache block size; None = vLLM's default (128 on CPU, 16 on CUDA). Prefix caching reuses only "
-        "full blocks, so smaller blocks (CPU: multiples of 32) reuse more of a multi-turn episode's history.",
+        description="KV cache block size. Prefix caching reuses only full blocks, and a multi-turn episode resends "
+        "its whole history every turn, so smaller blocks avoid re-prefilling it. None = auto: 32 on CPU (vLLM's CPU "
+        "default of 128 made multi-turn rollout re-prefill ~2x the tokens: 0.75x raw throughput vs 0.9x with 32), "
+        "vLLM's default (16) on CUDA. CPU needs a multiple of 32.",
     )
     nonfinite_logprobs: Literal["raise", "flag"] = Field(
         "raise",

@@ -81,6 +81,8 @@ class VLLMEngine(Engine):
         }
         if config.block_size is not None:
             kwargs["block_size"] = config.block_size
+        elif not torch.cuda.is_available():
+            kwargs["block_size"] = 32  # see EngineConfig.block_size: prefix reuse across turns
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
         self.llm = LLM(**kwargs)
