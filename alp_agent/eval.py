@@ -40,14 +40,14 @@ def problem_records(trajs: list[Trajectory], task_ids: list[str] | None = None) 
         out.append(
             {
                 "task_index": ts[0].info.get("task_index"),
-                "task_id": task_ids[g] if task_ids else None,
+                "task_id": task_ids[g] if task_ids else infos[0].get("task_id") if infos else None,
                 "correct": [is_correct(t) for t in ts],
                 "answers": [i.get("parsed_answer") for i in infos],
-                "reference": infos[0].get("reference") if infos else None,
+                "reference": infos[0].get("reference_answer") if infos else None,
                 "turns": [t.num_turns for t in ts],
                 "tool_calls": [t.num_tool_calls for t in ts],
                 "tool_errors": [t.num_tool_errors for t in ts],
-                "void_turns": [int(i.get("void_turns", 0) or 0) for i in infos],
+                "void_turns": [int(i.get("total_void_turns", 0) or 0) for i in infos],
                 "no_answer": [i.get("parsed_answer") is None for i in infos],
                 "finish": [t.finish_reason for t in ts],
                 "response_tokens": [t.num_model_tokens for t in ts],

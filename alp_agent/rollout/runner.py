@@ -116,7 +116,7 @@ class RolloutRunner:
     async def _episode(self, env, task: int, group: int, sample: int, seed: int, version: int) -> Trajectory:
         cfg = self.config
         base = env.unwrapped if hasattr(env, "unwrapped") else env
-        messages, _info = await asyncio.to_thread(env.reset, seed=seed, options={"task_index": task})
+        messages, reset_info = await asyncio.to_thread(env.reset, seed=seed, options={"task_index": task})
         stop = tuple(cfg.stop_strings if cfg.stop_strings is not None else getattr(base, "stop_strings", []) or [])
         tools = base.tool_schemas() if cfg.pass_tool_schemas and hasattr(base, "tool_schemas") else None
         tr = Transcript(ChatTemplate(self.tokenizer, tools), messages)
@@ -159,8 +159,10 @@ class RolloutRunner:
             reward += float(r)
             calls += _count(step_info.get("tool_calls"))
             errors += _count(step_info.get("tool_errors"))
+            info["env_info"] = _json_safe(step_info)
             if terminated:
-                finish = "answer"
+                # the env says why it ended ("answer", "void", ...); a plain env without end_reason answered
+                finish = str(step_info.get("end_reason") or "answer")
                 break
             if env_truncated or turns >= cfg.max_turns:
                 finish, truncated = "max_turns", True
@@ -176,6 +178,10 @@ class RolloutRunner:
             tr.append_observation(obs, ids, piece, cfg.check_retokenize)
 
         info["retokenize_mismatch"] = tr.retokenize_mismatch
+        env_info = info.setdefault("env_info", {})
+        for key in ("task_id", "reference_answer"):  # what eval records need to be diffable across runs
+            if key in (reset_info or {}):
+                env_info.setdefault(key, _json_safe(reset_info[key]))
         return Trajectory(
             prompt_ids=tr.prompt_ids,
             completion_ids=tr.completion_ids,
@@ -196,6 +202,18 @@ class RolloutRunner:
             token_drift=tr.token_drift,
             info=info,
         )
+
+
+def _json_safe(x: Any) -> Any:
+    """The env's info as plain JSON values (enums by value, unknown objects by str) for trajectories on disk."""
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    value = getattr(x, "value", None)
+    return value if isinstance(value, (str, int, float)) else str(x)
 
 
 def rollout_metrics(trajs: list[Trajectory], seconds: float) -> dict[str, float]:

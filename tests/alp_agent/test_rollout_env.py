@@ -4,6 +4,7 @@ output out of the ids it is given: proves observations land in the running ids, 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 import pytest
@@ -76,4 +77,13 @@ def test_rollout_on_math_tool_env(sandbox, tiny_tokenizer):
         obs = chat.decode(t.completion_ids[e0:s1])  # template end-of-turn + tool message + generation prompt
         assert obs.startswith("<|im_end|>") and "```output" in obs and set(t.loss_mask[e0:s1]) == {0}
         assert set(t.loss_mask[s0:e0]) == {1} and set(t.loss_mask[s1:e1]) == {1} and e1 == len(t.completion_ids)
+        env_info = t.info["env_info"]  # the env's final info travels with the trajectory (eval reads it)
+        assert env_info["correct"] is True and env_info["end_reason"] == "answer"
+        assert env_info["reference_answer"] == tasks[t.info["task_index"]].answer
+        json.dumps(t.to_dict())  # trajectories (with env info) serialise for samples.jsonl
+    from alp_agent.eval import aggregate, problem_records
+
+    m = aggregate(problem_records(trajs))
+    assert m["accuracy"] == 1.0 and m["answer_missing_rate"] == 0.0 and m["pass@2"] == 1.0
+    assert m["mean_tool_calls"] == 1.0 and m["mean_turns"] == 2.0
     runner.close()
