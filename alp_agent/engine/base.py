@@ -6,8 +6,8 @@ The rollout never sees text from an engine, only ids, so what the trainer trains
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 

@@ -55,7 +55,7 @@ class Trajectory:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Trajectory":
+    def from_dict(cls, d: dict) -> Trajectory:
         d = dict(d)
         d["turn_spans"] = [tuple(s) for s in d.get("turn_spans", [])]
         return cls(**d)
