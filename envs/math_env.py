@@ -6,6 +6,7 @@ terms (a bonus for a boxed answer, a bonus for having used the tool successfully
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +16,7 @@ from pydantic import Field, field_validator
 from envs.base import ToolEnv, ToolEnvConfig, unwrap_reference
 from envs.datasets import DatasetConfig, load_tasks
 from envs.grading import Grader, GradingConfig, shared_grader
+from envs.parsing import ParsedTurn
 from envs.task import Task
 from sandbox.base import Sandbox
 
@@ -47,12 +49,22 @@ class MathEnvConfig(ToolEnvConfig):
     tool_use_reward: float = Field(
         0.0, description="Added when the episode answers after at least one successful tool call. Off: 0."
     )
+    answer_fallback: bool = Field(
+        False,
+        description="Without a \\boxed{} answer, accept a number stated as 'the (final) answer is N' / 'answer: N'. "
+        "Off (strict \\boxed, the paper's setting); the CPU quickstart turns it on for a 135M model.",
+    )
 
     @field_validator("dataset", mode="before")
     @classmethod
     def _dataset_by_name(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
 
+
+# "The answer is 7623." / "Final answer: -3/4" / "answer = 12.5": a number only, so prose is never graded.
+_ANSWER_STATEMENT = re.compile(
+    r"(?i)\banswer\s*(?:is|:|=)\s*[*$]*\s*(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)(?![\d/])"
+)
 
 _task_cache: dict[str, Sequence[Task]] = {}
 _task_cache_lock = threading.Lock()
@@ -96,6 +108,13 @@ class MathToolEnv(ToolEnv):
         if self.config.system_prompt is not None:
             return self.config.system_prompt
         return JSON_SYSTEM_PROMPT if self.config.tool_format == "json" else FENCED_SYSTEM_PROMPT
+
+    def extract_answer(self, parsed: ParsedTurn) -> str | None:
+        """The last \\boxed{} outside code; with `answer_fallback`, else the last 'the answer is <number>'."""
+        if parsed.answer is not None or not self.config.answer_fallback:
+            return parsed.answer
+        found = _ANSWER_STATEMENT.findall(parsed.text)
+        return found[-1].replace(",", "") if found else None
 
     def build_messages(self, task: Task) -> list[dict]:
         system = self.system_prompt()

@@ -220,3 +220,28 @@ def test_observations_are_in_the_space_and_actions_may_be_bytes(sandbox):
     assert obs in env.observation_space and obs[0]["role"] == "user" and "invalid" in obs[0]["content"]
     with pytest.raises(TypeError):
         env.step(123)  # a caller bug, not model text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The answer is 7623.", "7623"),
+        ("So the final answer is **1,234**", "1234"),
+        ("Answer: -3/4", "-3/4"),
+        ("answer = 12.5 and then", "12.5"),
+        ("I think the answer is probably large.", None),
+        ("The answer is 3. No wait, the answer is 5.", "5"),
+        ("The result is \\boxed{9}. The answer is 5.", "9"),  # \\boxed wins
+    ],
+)
+def test_answer_fallback_reads_stated_numbers(text, expected):
+    from envs.math_env import MathToolEnv
+    from envs.parsing import parse_turn
+
+    env = MathToolEnv(tasks=[{"prompt": "q", "answer": "1"}], answer_fallback=True)
+    strict = MathToolEnv(tasks=[{"prompt": "q", "answer": "1"}])
+    parsed = parse_turn(text, "fenced", env.tools)
+    assert env.extract_answer(parsed) == expected
+    assert strict.extract_answer(parsed) == (parsed.answer)  # off by default: only \\boxed counts
+    env.close()
+    strict.close()
