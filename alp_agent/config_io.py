@@ -67,10 +67,10 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -86,7 +86,7 @@ def read_yaml_with_base(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be a path to another YAML file")
-    return _deep_merge(read_yaml_with_base(path.parent / base, (*_seen, path)), data)
+    return deep_merge(read_yaml_with_base(path.parent / base, (*_seen, path)), data)
 
 
 def format_validation_error(err: ValidationError, source: str = "config") -> str:

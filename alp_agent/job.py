@@ -7,7 +7,6 @@ Data flows one way: env (sandbox) -> RolloutRunner (vLLM ids + logprobs) -> Trai
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import time
@@ -17,17 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from alp_agent.config import RunConfig
-from alp_agent.config_io import ConfigError, dump_config
+from alp_agent.config_io import ConfigError, deep_merge, dump_config
 from alp_agent.rollout.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def make_env_fn(cfg: RunConfig, sandbox, eval_env: bool = False) -> Callable[[], Any]:
@@ -40,7 +32,7 @@ def make_env_fn(cfg: RunConfig, sandbox, eval_env: bool = False) -> Callable[[],
         __import__(mod)
     kwargs = dict(cfg.env.kwargs)
     if eval_env:
-        kwargs = _deep_merge(kwargs, cfg.eval.env_kwargs)
+        kwargs = deep_merge(kwargs, cfg.eval.env_kwargs)
         if cfg.eval.max_turns is not None:
             kwargs["max_turns"] = cfg.eval.max_turns
     if cfg.env.id not in gym.registry:

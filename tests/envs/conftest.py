@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 import envs  # noqa: F401  (registers the alp/ ids)
 from sandbox import SandboxConfig
+from tests.procs import descendants  # noqa: F401 - re-exported for the tests of this folder
 
 DATA_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 FAST_SANDBOX = {
@@ -19,30 +19,6 @@ FAST_SANDBOX = {
     "pool_size": 2,
     "cpu_s": 30,
 }
-
-
-def descendants(pid: int = 0) -> set[int]:
-    """Every live process below `pid` (default: this process), via /proc ppid links."""
-    pid = pid or os.getpid()
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if stat.rsplit(")", 1)[1].split()[0] == "Z":  # zombies are not leaks of a live process
-                continue
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(d.name))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +36,13 @@ def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.skip(f"benchmark copies not found at {DATA_DIR} (see shared/data/README.md)")
     return DATA_DIR.resolve()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _close_process_wide_sandboxes():
+    """Envs made without a sandbox use the process-wide one (sandbox.pool.shared_sandbox); close it after each test
+    module so its warm jails do not outlive the env tests (the sandbox tests count server processes)."""
+    yield
+    from sandbox.pool import _close_shared
+
+    _close_shared()

@@ -10,6 +10,7 @@ import pytest
 
 from sandbox import SandboxConfig
 from sandbox.docker import docker_unavailable_reason
+from tests.procs import descendants
 
 SECRET_NAME, SECRET_VALUE = "ALP_TEST_HOST_SECRET", "hunter2-do-not-leak"
 os.environ[SECRET_NAME] = SECRET_VALUE  # set before any sandbox starts: it must never be visible inside
@@ -22,26 +23,6 @@ TEST_CONFIG = {
     "pool_size": 2,
     "cpu_s": 20,
 }
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (via /proc ppid links)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(d.name))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
-    return out
 
 
 def _make(backend: str):
