@@ -130,3 +130,35 @@ def test_baseline_configs_extend_the_quickstart(tmp_path):
     loop.write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="loops"):
         load_config(RunConfig, loop)
+
+
+@pytest.mark.vllm
+def test_ctrl_c_checkpoints_and_exits_cleanly(tiny_model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = _small(tiny_model_dir, tmp_path, "interrupt")
+    cmd = [sys.executable, "-m", "alp_agent.cli", "train", "-c", str(REPO / "configs/quickstart.yaml"), "--quiet",
+           *args, "run.iterations=1000", "run.checkpoint_every=0", "eval.num_tasks=0"]
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = tmp_path / "interrupt" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and '"kind": "batch"' in metrics.read_text():
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "interrupted: checkpoint written" in out
+    summary = json.loads((tmp_path / "interrupt" / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["batches"] >= 1
+    from alp_agent.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(tmp_path / "interrupt" / "checkpoints")
+    assert ckpt is not None and ckpt.name == f"step_{summary['batches']:06d}"  # a whole batch, never half of one
