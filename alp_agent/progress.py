@@ -58,7 +58,7 @@ class Progress:
         tail = m.get("ratio_token_vs_infer/p99_9", m.get("ratio_token_vs_old/p99_9"))
         seq_lo = m.get("ratio_seq_vs_infer/p2", m.get("ratio_seq_vs_infer/p1"))
         t.add_row("token ratio p99.9 / max", f"{_fmt(tail)} / {_fmt(m.get('ratio_token_vs_infer/max'))}")
-        t.add_row("seq ratio p1..p99", f"{_fmt(seq_lo)} .. {_fmt(m.get('ratio_seq_vs_infer/p99'))}")
+        t.add_row("seq ratio P2..P98", f"{_fmt(seq_lo)} .. {_fmt(m.get('ratio_seq_vs_infer/p98'))}")
         t.add_row("sigma mean", _fmt(m.get("sigma/mean")))
         t.add_row("tool calls / episode", _fmt(m.get("tools/calls_per_episode")))
         return t
