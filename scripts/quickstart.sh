@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . "${ALP_VENV:-.venv}/bin/activate"
-export VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-WARNING}"
+export VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-ERROR}"  # vLLM CPU start-up warnings are noise here
 exec alp-agent train --config configs/quickstart.yaml "$@"

@@ -205,7 +205,10 @@ class VLLMEngine(Engine):
         Runs between requests (never mid-request) and resets the prefix cache, whose KV was computed by the old
         weights.
         """
-        items = [(k, v.detach()) for k, v in state_dict.items()]
+        # Cast floating weights to the engine's dtype here: vLLM would cast too, but warns once per tensor per sync.
+        target = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(self.config.dtype)
+        items = [(k, v.detach().to(target) if target is not None and v.is_floating_point() else v.detach())
+                 for k, v in state_dict.items()]
 
         def load() -> None:
             def on_worker(worker) -> None:
