@@ -141,8 +141,8 @@ def machine() -> dict:
     except Exception:  # noqa: BLE001
         info["vllm"] = None
     try:
-        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                                 if line.startswith("model name"))
+        text = Path("/proc/cpuinfo").read_text()
+        info["cpu_model"] = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name"))
     except Exception:  # noqa: BLE001
         info["cpu_model"] = None
     return info
@@ -248,7 +248,9 @@ def main() -> None:
     for p in PHASES:
         print(f"| {p:<20} | {mean[p]:8.2f} | {100 * mean[p] / total:7.1f} |")
     print(f"| {'total':<20} | {total:8.2f} | {100.0:7.1f} |")
-    avg = lambda k: sum(it[k] for it in measured) / n  # noqa: E731
+    def avg(k: str) -> float:
+        return sum(it[k] for it in measured) / n
+
     print(f"\nenv steps {avg('env_steps'):.0f} (sum {avg('env_step_sum_s'):.2f} s), sandbox calls "
           f"{avg('sandbox_calls'):.0f} (sum {avg('sandbox_sum_s'):.2f} s), model turns {avg('model_turns'):.0f}, "
           f"trained tokens {avg('trained_tokens'):.0f}, slowest phase: {max(mean, key=mean.get)}")

@@ -262,10 +262,10 @@ def machine(args) -> dict:
     except Exception:  # noqa: BLE001
         info["trl"] = None
     try:
-        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                                 if line.startswith("model name"))
+        text = Path("/proc/cpuinfo").read_text()
+        info["cpu_model"] = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name"))
     except Exception:  # noqa: BLE001
-        pass
+        info["cpu_model"] = None
     return info
 
 
