@@ -162,3 +162,23 @@ def test_ctrl_c_checkpoints_and_exits_cleanly(tiny_model_dir, tmp_path):
 
     ckpt = latest_checkpoint(tmp_path / "interrupt" / "checkpoints")
     assert ckpt is not None and ckpt.name == f"step_{summary['batches']:06d}"  # a whole batch, never half of one
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data not present")
+def test_smollm2_short_gsm8k_eval_reports_sane_numbers(tmp_path):
+    """The embedded SmolLM2 on a few GSM8K problems with the tool: completes, numbers in range (accuracy not asserted)."""
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", "smollm2", "-b", "gsm8k", "--limit", "4", "--k", "2", "--max-turns", "2",
+                 "--out", str(out), "--data-dir", str(DATA), "rollout.max_tokens_per_turn=96",
+                 "engine.max_model_len=2048"]) == 0
+    (row,) = json.loads((out / "summary.json").read_text())
+    assert row["problems"] == 4 and row["samples"] == 8
+    for k in ("accuracy", "pass@1", "pass@2", "tool_error_rate", "answer_missing_rate"):
+        assert 0.0 <= row[k] <= 1.0, (k, row[k])
+    assert row["pass@2"] >= row["pass@1"]
+    assert 1.0 <= row["mean_turns"] <= 2.0 and row["mean_response_tokens"] > 0
+    records = [json.loads(line) for line in (out / "gsm8k-k2-t1.jsonl").read_text().splitlines()]
+    assert [r["task_index"] for r in records] == [0, 1, 2, 3]
+    assert all(r["reference"] for r in records)  # GSM8K references (after ####) travel into the records
