@@ -31,11 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import threading
 import time
 from pathlib import Path
+
+from _common import machine_info  # bench/ is sys.path[0] when run as python bench/X.py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -130,22 +131,7 @@ def timed_env_fn(env_fn, rec: Recorder):
 
 
 def machine() -> dict:
-    import torch
-
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    try:
-        import vllm
-
-        info["vllm"] = vllm.__version__
-    except Exception:  # noqa: BLE001
-        info["vllm"] = None
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        info["cpu_model"] = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name"))
-    except Exception:  # noqa: BLE001
-        info["cpu_model"] = None
-    return info
+    return machine_info("vllm")
 
 
 PHASES = ["rollout generation", "tool execution", "old/ref logprobs", "update", "update bookkeeping", "weight sync"]

@@ -36,12 +36,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import machine_info  # bench/ is sys.path[0] when run as python bench/X.py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -248,25 +249,7 @@ class Plain:
 
 
 def machine(args) -> dict:
-    import torch
-    import transformers
-
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    try:
-        import trl
-
-        info["trl"] = trl.__version__
-    except Exception:  # noqa: BLE001
-        info["trl"] = None
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        info["cpu_model"] = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name"))
-    except Exception:  # noqa: BLE001
-        info["cpu_model"] = None
-    return info
+    return machine_info("transformers", "trl")
 
 
 def main() -> None:

@@ -1,0 +1,28 @@
+"""What every benchmark records about the machine it ran on (so a JSON result says where its numbers came from)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+from pathlib import Path
+
+
+def machine_info(*modules: str) -> dict:
+    """Platform, Python, cores, torch (+ CUDA device), CPU model, and the version of each named module (None if absent)."""
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    for name in modules:
+        try:
+            info[name] = importlib.import_module(name).__version__
+        except Exception:  # noqa: BLE001 - an optional comparison library may be missing or broken
+            info[name] = None
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        info["cpu_model"] = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu_model"] = None
+    return info
