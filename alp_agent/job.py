@@ -193,6 +193,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
     from alp_agent.progress import Progress
     from alp_agent.trainer import Trainer, task_cursor
 
+    if cfg.rollout.temperature <= 0:
+        raise ConfigError("rollout.temperature: training samples from the policy and divides logits by this "
+                          "temperature, so it must be > 0 (greedy decoding is for eval.temperature)")
     run_dir = run_dir_of(cfg)
     ckpt_dir = run_dir / "checkpoints"
     if run_dir.exists() and latest_checkpoint(ckpt_dir) is not None and not resume:

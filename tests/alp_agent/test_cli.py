@@ -43,6 +43,9 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     assert main(["train", "engine.model=/nonexistent/model/dir", "run.out_dir=" + str(tmp_path)]) == 2
     assert "engine.model" in capsys.readouterr().err
 
+    assert main(["train", "rollout.temperature=0", "run.out_dir=" + str(tmp_path)]) == 2
+    assert "rollout.temperature" in capsys.readouterr().err
+
 
 def test_every_shipped_config_validates():
     from alp_agent.config import RunConfig
