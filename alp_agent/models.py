@@ -126,7 +126,7 @@ def resolve_model(spec: str | os.PathLike) -> str:
         return snapshot_download(s, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     except Exception as exc:
         raise ModelResolutionError(
-            f"cannot resolve model {s!r}: not 'smollm2', not an existing folder, and the hub said: {exc}"
+            f"cannot resolve model {s!r}: not 'smollm2', not an existing folder, and the hub said: {' '.join(str(exc).split())}"
         ) from exc
 
 
