@@ -19,7 +19,6 @@ import logging
 import os
 import socket
 import struct
-import threading
 import time
 from pathlib import Path
 
@@ -99,8 +98,6 @@ class DockerWorker(Worker):
             working_dir="/tmp",
             labels={LABEL: "1", OWNER_LABEL: _owner()},
         )
-        self._killed = False
-        self._kill_lock = threading.Lock()
         try:
             self._sock_io = client.api.attach_socket(
                 self.container.id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
@@ -156,11 +153,7 @@ class DockerWorker(Worker):
             return WorkerDied("out of memory: the container was killed", ExecStatus.MEMORY, st.get("ExitCode"))
         return died_from_returncode(state.get("StatusCode", st.get("ExitCode")))
 
-    def kill(self) -> None:
-        with self._kill_lock:
-            if self._killed:
-                return
-            self._killed = True
+    def _terminate(self) -> None:
         try:
             self._sock_io.close()
         except Exception:  # noqa: BLE001, S110 - closing a dead stream

@@ -252,8 +252,6 @@ class LocalWorker(Worker):
             cwd=cwd or "/",
         )
         self._in, self._out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
-        self._killed = False
-        self._kill_lock = threading.Lock()
         try:
             self.wait_ready()
         except (WorkerDied, WorkerTimeout) as e:
@@ -295,11 +293,7 @@ class LocalWorker(Worker):
             return WorkerDied("the Python process closed its channel")
         return died_from_returncode(rc)
 
-    def kill(self) -> None:
-        with self._kill_lock:
-            if self._killed:
-                return
-            self._killed = True
+    def _terminate(self) -> None:
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

@@ -42,6 +42,8 @@ class Worker(abc.ABC):
     def __init__(self) -> None:
         self._buf = bytearray()
         self.hello: dict = {}
+        self._killed = False
+        self._kill_lock = threading.Lock()
 
     # transport, implemented by backends ---------------------------------------------------------------------
     @abc.abstractmethod
@@ -52,9 +54,18 @@ class Worker(abc.ABC):
     def _recv(self, deadline: float) -> bytes:
         """Return the next chunk of server stdout (non-empty), b'' at EOF; raise WorkerTimeout at the deadline."""
 
-    @abc.abstractmethod
     def kill(self) -> None:
-        """Kill every process of this worker and release its resources. Idempotent, never raises."""
+        """Kill every process of this worker and release its resources. Idempotent (the first call wins, from any
+        thread), never raises."""
+        with self._kill_lock:
+            if self._killed:
+                return
+            self._killed = True
+        self._terminate()
+
+    @abc.abstractmethod
+    def _terminate(self) -> None:
+        """Backend-specific kill and clean-up; `kill` guarantees it runs once."""
 
     def death_reason(self) -> WorkerDied:
         """Called after EOF / a broken frame: explain how the server ended (exit code, signal, OOM)."""
