@@ -66,71 +66,62 @@ def write_report(run_dir: Path) -> Path:
     plots.mkdir(exist_ok=True)
     made = []
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(*series(batch, "reward/mean"), marker="o", label="train reward (mean)")
-    if ev:
-        ax.plot(*series(ev, "accuracy"), marker="s", label="held-out accuracy")
-    ax.set_xlabel("batch")
-    ax.legend()
-    ax.set_title("reward and accuracy")
-    fig.tight_layout()
-    fig.savefig(plots / "reward.png", dpi=110)
-    plt.close(fig)
-    made.append("reward.png")
+    def plot(name: str, title: str, xlabel: str, draw) -> None:
+        """One figure: `draw(ax)` returns False when there is nothing to show (then no file is written)."""
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        try:
+            if draw(ax) is False:
+                return
+            ax.set_xlabel(xlabel)
+            ax.set_title(title)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
+            fig.tight_layout()
+            fig.savefig(plots / name, dpi=110)
+            made.append(name)
+        finally:
+            plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    prefix = "ratio_seq_vs_infer" if _first_key(step, "ratio_seq_vs_infer/p50") else "ratio_seq_vs_old"
-    if envelope(ax, step, prefix, "sequence ratio"):
+    def reward(ax) -> None:
+        ax.plot(*series(batch, "reward/mean"), marker="o", label="train reward (mean)")
+        if ev:
+            ax.plot(*series(ev, "accuracy"), marker="s", label="held-out accuracy")
+
+    def ratio_envelope(ax) -> bool:
+        prefix = "ratio_seq_vs_infer" if _first_key(step, "ratio_seq_vs_infer/p50") else "ratio_seq_vs_old"
+        if not envelope(ax, step, prefix, "sequence ratio"):
+            return False
         ax.set_yscale("log")
         ax.axhline(1.0, color="gray", lw=0.5)
-        ax.set_xlabel("optimizer step")
-        ax.legend()
-        ax.set_title("sequence importance ratio envelope")
-        fig.tight_layout()
-        fig.savefig(plots / "ratio_envelope.png", dpi=110)
-        made.append("ratio_envelope.png")
-    plt.close(fig)
+        return True
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, label in [("kl_train_infer/noisy/k3", "train(perturbed)-infer k3"),
-                       ("kl_train_infer/clean/k3", "train(clean)-infer k3"), ("kl_noise/k3", "noise alone k3")]:
-        x, y = series(step, key)
-        if y:
-            ax.plot(x, y, label=label)
-    ax.set_yscale("symlog", linthresh=1e-6)
-    ax.set_xlabel("optimizer step")
-    ax.legend()
-    ax.set_title("train-inference KL")
-    fig.tight_layout()
-    fig.savefig(plots / "kl.png", dpi=110)
-    plt.close(fig)
-    made.append("kl.png")
+    def kl(ax) -> None:
+        for key, label in [("kl_train_infer/noisy/k3", "train(perturbed)-infer k3"),
+                           ("kl_train_infer/clean/k3", "train(clean)-infer k3"), ("kl_noise/k3", "noise alone k3")]:
+            x, y = series(step, key)
+            if y:
+                ax.plot(x, y, label=label)
+        ax.set_yscale("symlog", linthresh=1e-6)
 
     layer_keys = sorted({k for r in step for k in r if k.startswith("sigma/layer_")},
                         key=lambda k: int(k.rsplit("_", 1)[1]))
-    if layer_keys:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+
+    def sigma(ax) -> bool:
         cmap = plt.get_cmap("viridis")
         for i, k in enumerate(layer_keys):
             ax.plot(*series(step, k), color=cmap(i / max(len(layer_keys) - 1, 1)), lw=1)
-        ax.set_xlabel("optimizer step")
         ax.set_ylabel("sigma")
-        ax.set_title(f"sigma per layer ({len(layer_keys)} layers, dark = first)")
-        fig.tight_layout()
-        fig.savefig(plots / "sigma.png", dpi=110)
-        plt.close(fig)
-        made.append("sigma.png")
+        return bool(layer_keys)
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(*series(batch, "tools/calls_per_episode"), marker="o", label="tool calls / episode")
-    ax.plot(*series(batch, "turns/mean"), marker="x", label="turns / episode")
-    ax.set_xlabel("batch")
-    ax.legend()
-    ax.set_title("tool use")
-    fig.tight_layout()
-    fig.savefig(plots / "tools.png", dpi=110)
-    plt.close(fig)
-    made.append("tools.png")
+    def tools(ax) -> None:
+        ax.plot(*series(batch, "tools/calls_per_episode"), marker="o", label="tool calls / episode")
+        ax.plot(*series(batch, "turns/mean"), marker="x", label="turns / episode")
+
+    plot("reward.png", "reward and accuracy", "batch", reward)
+    plot("ratio_envelope.png", "sequence importance ratio envelope", "optimizer step", ratio_envelope)
+    plot("kl.png", "train-inference KL", "optimizer step", kl)
+    plot("sigma.png", f"sigma per layer ({len(layer_keys)} layers, dark = first)", "optimizer step", sigma)
+    plot("tools.png", "tool use", "batch", tools)
 
     lines = [f"# Run report: {run_dir.name}", ""]
     if ev:
