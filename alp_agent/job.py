@@ -22,8 +22,11 @@ from alp_agent.rollout.trajectory import Trajectory
 log = logging.getLogger(__name__)
 
 
-def make_env_fn(cfg: RunConfig, sandbox, eval_env: bool = False) -> Callable[[], Any]:
-    """A factory of env instances sharing one sandbox; validates the kwargs once, here, with a clear error."""
+def make_env_fn(cfg: RunConfig, sandbox, eval_env: bool = False) -> tuple[Callable[[], Any], int]:
+    """A factory of env instances sharing one sandbox, and the env's number of tasks.
+
+    One probe env validates the kwargs here (a clear error instead of a failure inside the rollout) and reports
+    `num_tasks`."""
     import gymnasium as gym
 
     import envs  # noqa: F401 - registers the built-in envs
@@ -46,17 +49,11 @@ def make_env_fn(cfg: RunConfig, sandbox, eval_env: bool = False) -> Callable[[],
         probe = env_fn()
     except Exception as e:  # noqa: BLE001 - any env constructor error is a config problem here
         what = "eval.env_kwargs" if eval_env else "env.kwargs"
-        raise ConfigError(f"{what}: {cfg.env.id} rejected its options: {str(e).splitlines()[0]} ({e})") from None
-    probe.close()
-    return env_fn
-
-
-def num_tasks_of(env_fn: Callable[[], Any]) -> int:
-    env = env_fn()
+        raise ConfigError(f"{what}: {cfg.env.id} rejected its options: {' '.join(str(e).split())}") from None
     try:
-        return int(env.unwrapped.num_tasks)
+        return env_fn, int(probe.unwrapped.num_tasks)
     finally:
-        env.close()
+        probe.close()
 
 
 @dataclass
@@ -67,6 +64,7 @@ class Components:
     tokenizer: Any
     runner: Any
     eval_runner: Any
+    model_dir: str = ""
     trainer: Any = None
     num_tasks: int = 0
     num_eval_tasks: int = 0
@@ -91,10 +89,10 @@ def build_inference(cfg: RunConfig) -> Components:
         raise ConfigError(f"engine.model: {e}") from None
     engine_cfg = cfg.engine.model_copy(update={"model": model_dir, "seed": cfg.run.seed})
     sandbox = make_sandbox(cfg.sandbox)
-    comps = Components(cfg, sandbox, None, None, None, None, closers=[sandbox.close])
+    comps = Components(cfg, sandbox, None, None, None, None, model_dir=model_dir, closers=[sandbox.close])
     try:
-        env_fn = make_env_fn(cfg, sandbox)
-        eval_fn = make_env_fn(cfg, sandbox, eval_env=True)
+        env_fn, comps.num_tasks = make_env_fn(cfg, sandbox)
+        eval_fn, comps.num_eval_tasks = make_env_fn(cfg, sandbox, eval_env=True)
         comps.tokenizer = load_tokenizer(model_dir)
         comps.engine = VLLMEngine(engine_cfg)
         comps.closers.append(comps.engine.close)
@@ -105,9 +103,6 @@ def build_inference(cfg: RunConfig) -> Components:
         comps.runner = RolloutRunner(comps.engine, comps.tokenizer, env_fn, rcfg)
         comps.eval_runner = RolloutRunner(comps.engine, comps.tokenizer, eval_fn, ecfg)
         comps.closers += [comps.runner.close, comps.eval_runner.close]
-        comps.num_tasks = num_tasks_of(env_fn)
-        comps.num_eval_tasks = num_tasks_of(eval_fn)
-        comps.model_dir = model_dir  # type: ignore[attr-defined]
     except BaseException:
         comps.close()
         raise
@@ -215,7 +210,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
                                run_config=cfg.model_dump(mode="json"))
         comps.closers.append(writer.close)
         try:
-            model = load_model(comps.model_dir, dtype=torch.float32)  # type: ignore[attr-defined]
+            model = load_model(comps.model_dir, dtype=torch.float32)
             trainer = Trainer(model, cfg.trainer, writer=writer)
             comps.trainer = trainer
             ckpt = latest_checkpoint(ckpt_dir) if resume else None
