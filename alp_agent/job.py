@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,26 +153,6 @@ def write_samples(run_dir: Path, batch: int, trajs: list[Trajectory], tokenizer,
         f.writelines(render_episode(t, tokenizer) for t in chosen)
 
 
-@contextlib.contextmanager
-def deferred_interrupt():
-    """Hold Ctrl-C until the block ends, so an update is never cut between optimizer steps (a checkpoint written
-    after it is then consistent); the interrupt is re-raised when the block exits."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending = []
-    old = signal.signal(signal.SIGINT, lambda *_: pending.append(1))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-    if pending:
-        raise KeyboardInterrupt
-
-
 def run_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.run.out_dir) / cfg.run.name
 
@@ -182,11 +161,11 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
     """The main job. Returns a summary dict (accuracy before/after, last metrics, run dir)."""
     import torch
 
-    from alp_agent.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from alp_agent.checkpoint import latest_checkpoint, load_checkpoint
     from alp_agent.logging import MetricsWriter
     from alp_agent.models import load_model
     from alp_agent.progress import Progress
-    from alp_agent.trainer import Trainer, task_cursor
+    from alp_agent.trainer import Trainer
 
     if cfg.rollout.temperature <= 0:
         raise ConfigError("rollout.temperature: training samples from the policy and divides logits by this "
@@ -218,61 +197,66 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
                 load_checkpoint(trainer, ckpt)
                 trainer.sync_weights(comps.engine)  # the engine must sample with the resumed weights
                 ui.note(f"resumed from {ckpt} (batch {trainer.batch})")
-            summary.update(_loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir, task_cursor, save_checkpoint))
+            summary.update(_loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir))
         finally:
             comps.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
-def _loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir, task_cursor, save_checkpoint) -> dict[str, Any]:
+def _loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir) -> dict[str, Any]:
+    """The CLI's job around `run_training` (the one outer loop): held-out eval before/after, sample episodes, the
+    progress display, and a whole-batch checkpoint on Ctrl-C."""
+    from alp_agent.checkpoint import save_checkpoint
+    from alp_agent.trainer import LoopHooks, run_training
+
     summary: dict[str, Any] = {}
 
-    def evaluate(tag: str) -> float | None:
+    def evaluate(tag: str) -> dict[str, float] | None:
         if cfg.eval.num_tasks <= 0:
             return None
         ui.phase(f"eval ({tag})")
         m, records = run_eval(comps, trainer.policy_version)
-        writer.write("eval", trainer.batch, m)
         with open(run_dir / f"eval_batch{trainer.batch:04d}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         ui.update(eval_acc=m.get("accuracy"))
+        return m
+
+    def evaluate_and_log(tag: str) -> float | None:
+        m = evaluate(tag)
+        if m is None:
+            return None
+        writer.write("eval", trainer.batch, m)
         return m.get("accuracy")
 
     if cfg.eval.before_and_after and trainer.batch == 0:
-        summary["accuracy_before"] = evaluate("before")
+        summary["accuracy_before"] = evaluate_and_log("before")
     elif (run_dir / "summary_before.json").is_file():
         summary.update(json.loads((run_dir / "summary_before.json").read_text()))
     (run_dir / "summary_before.json").write_text(json.dumps({"accuracy_before": summary.get("accuracy_before")}))
 
-    stream = task_cursor(comps.num_tasks, cfg.run.prompts_per_batch, trainer.data_cursor, cfg.run.seed)
     last: dict[str, float] = {}
+
+    def after_batch(batch: int, metrics: dict) -> None:
+        nonlocal last
+        last = metrics
+        ui.update(batch=batch, metrics=metrics)
+
+    hooks = LoopHooks(
+        phase=ui.phase,
+        after_rollout=lambda batch, trajs: write_samples(run_dir, batch, trajs, comps.tokenizer,
+                                                         cfg.run.sample_episodes),
+        after_batch=after_batch,
+    )
     interrupted = False
     try:
-        while trainer.batch < cfg.run.iterations:
-            ui.phase("rollout")
-            t0 = time.perf_counter()
-            cursor, tasks = next(stream)
-            trajs = comps.runner.run(tasks, cfg.run.samples_per_prompt, trainer.policy_version)
-            t_roll = time.perf_counter() - t0
-            write_samples(run_dir, trainer.batch, trajs, comps.tokenizer, cfg.run.sample_episodes)
-            ui.phase("update")
-            with deferred_interrupt():
-                trainer.data_cursor = cursor
-                m = trainer.update(trajs)
-                t0 = time.perf_counter()
-                ui.phase("weight sync")
-                trainer.sync_weights(comps.engine)
-            timing = {"time/rollout": t_roll, "time/sync": time.perf_counter() - t0, **comps.runner.last_metrics}
-            writer.write("batch_time", trainer.batch, timing)
-            last = {**m, **timing}
-            ui.update(batch=trainer.batch, metrics=last)
-            if cfg.eval.every and trainer.batch % cfg.eval.every == 0 and trainer.batch < cfg.run.iterations:
-                evaluate(f"batch {trainer.batch}")
-            if cfg.run.checkpoint_every and trainer.batch % cfg.run.checkpoint_every == 0:
-                ui.phase("checkpoint")
-                with deferred_interrupt():
-                    save_checkpoint(trainer, ckpt_dir, keep_last=cfg.run.keep_checkpoints)
+        run_training(
+            trainer, comps.runner.run, comps.engine, comps.num_tasks, cfg.run.iterations, cfg.run.prompts_per_batch,
+            cfg.run.samples_per_prompt, checkpoint_dir=str(ckpt_dir), checkpoint_every=cfg.run.checkpoint_every,
+            keep_checkpoints=cfg.run.keep_checkpoints, seed=cfg.run.seed, eval_every=cfg.eval.every, hooks=hooks,
+            # the last batch is evaluated once, as "after", below
+            eval_fn=lambda _v: evaluate(f"batch {trainer.batch}") if trainer.batch < cfg.run.iterations else None,
+        )
     except KeyboardInterrupt:
         interrupted = True
         ui.note("interrupted: writing a checkpoint, then exiting (continue with --resume)")
@@ -284,5 +268,5 @@ def _loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir, task_cursor, save_
     if not interrupted:
         save_checkpoint(trainer, ckpt_dir, keep_last=cfg.run.keep_checkpoints)
         if cfg.eval.before_and_after:
-            summary["accuracy_after"] = evaluate("after")
+            summary["accuracy_after"] = evaluate_and_log("after")
     return summary

@@ -459,6 +459,39 @@ def task_cursor(num_tasks: int, per_batch: int, start: int = 0, seed: int = 0) -
         yield cursor, out
 
 
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold Ctrl-C until the block ends, so an update is never cut between optimizer steps (a checkpoint written
+    after it is then consistent); the interrupt is re-raised when the block exits."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    old = signal.signal(signal.SIGINT, lambda *_: pending.append(1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def _no_op(*_args) -> None:
+    return None
+
+
+@dataclass
+class LoopHooks:
+    """What a caller (the CLI's job) adds around the loop without a second copy of it."""
+
+    phase: Callable[[str], None] = _no_op  # "rollout", "update", "weight sync", "checkpoint"
+    after_rollout: Callable[[int, list[Trajectory]], None] = _no_op  # (batch, trajs), e.g. write sample episodes
+    after_batch: Callable[[int, dict], None] = _no_op  # (batch, metrics incl. timing)
+
+
 def run_training(
     trainer: Trainer,
     rollout: RolloutFn,
@@ -469,38 +502,54 @@ def run_training(
     n_per_task: int,
     checkpoint_dir: str | None = None,
     checkpoint_every: int = 0,
-    eval_fn: Callable[[int], dict[str, float]] | None = None,
+    eval_fn: Callable[[int], dict[str, float] | None] | None = None,
     eval_every: int = 0,
     seed: int = 0,
+    keep_checkpoints: int | None = None,
+    hooks: LoopHooks | None = None,
 ) -> list[dict[str, float]]:
-    """rollout -> update -> sync -> (eval) -> (checkpoint), `num_batches` times (resuming from trainer.batch).
+    """rollout -> update -> sync -> (eval) -> (checkpoint), until `trainer.batch == num_batches` (resumes from it).
 
     `rollout` is e.g. `RolloutRunner(engine, tokenizer, env_fn, cfg).run`; `engine` gets the new weights after
     every update (pass None to skip syncing, e.g. an HF engine sharing the trainer's model). eval_fn(policy_version)
-    returns metrics written as kind='eval'. The data cursor is saved in checkpoints so a resume continues the stream.
+    returns metrics written as kind='eval' (None: nothing to write). The data cursor is saved in checkpoints so a
+    resume continues the stream. Update, sync and checkpoint run with Ctrl-C held (`deferred_interrupt`), so a
+    KeyboardInterrupt only ever leaves the trainer between whole batches.
     """
     from alp_agent.checkpoint import save_checkpoint
 
+    hooks = hooks or LoopHooks()
     history = []
     stream = task_cursor(num_tasks, prompts_per_batch, trainer.data_cursor, seed)
     while trainer.batch < num_batches:
+        hooks.phase("rollout")
         t0 = time.perf_counter()
         cursor, tasks = next(stream)
         trajs = rollout(tasks, n_per_task, trainer.policy_version)
         t_roll = time.perf_counter() - t0
-        trainer.data_cursor = cursor
-        m = trainer.update(trajs)
-        t0 = time.perf_counter()
-        if engine is not None:
-            trainer.sync_weights(engine)
+        hooks.after_rollout(trainer.batch, trajs)
+        hooks.phase("update")
+        with deferred_interrupt():
+            trainer.data_cursor = cursor
+            m = trainer.update(trajs)
+            t0 = time.perf_counter()
+            if engine is not None:
+                hooks.phase("weight sync")
+                trainer.sync_weights(engine)
         timing = {"time/rollout": t_roll, "time/sync": time.perf_counter() - t0}
-        # RolloutRunner.run keeps its own metrics (throughput, env timings) on the runner: log them alongside
+        # RolloutRunner.run keeps its own metrics (throughput, drift, finish reasons) on the runner: log them alongside
         roll_m = getattr(getattr(rollout, "__self__", None), "last_metrics", None) or {}
         trainer._write("rollout", trainer.batch, {**roll_m, **timing})
+        timing.update(roll_m)
         m.update(timing)
+        hooks.after_batch(trainer.batch, m)
         if eval_fn is not None and eval_every > 0 and trainer.batch % eval_every == 0:
-            trainer._write("eval", trainer.batch, eval_fn(trainer.policy_version))
+            em = eval_fn(trainer.policy_version)
+            if em:
+                trainer._write("eval", trainer.batch, em)
         if checkpoint_dir and checkpoint_every > 0 and trainer.batch % checkpoint_every == 0:
-            save_checkpoint(trainer, checkpoint_dir)
+            hooks.phase("checkpoint")
+            with deferred_interrupt():
+                save_checkpoint(trainer, checkpoint_dir, keep_last=keep_checkpoints)
         history.append(m)
     return history
