@@ -60,6 +60,9 @@ class RunSection(_Strict):
     prompts_per_batch: int = Field(8, ge=1, description="Distinct tasks per rollout batch.")
     samples_per_prompt: int = Field(8, ge=1, description="Episodes per task (the GRPO group size).")
     checkpoint_every: int = Field(1, ge=0, description="Checkpoint every N batches (0 = only at the end / Ctrl-C).")
+    checkpoint_at_end: bool = Field(
+        True, description="Write a checkpoint after the last batch (repro sweeps turn it off: ~1.6 GB per SmolLM2 run)."
+    )
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
     sample_episodes: int = Field(4, ge=0, description="Episodes per batch written to samples.jsonl/.txt.")
     tensorboard: bool = Field(True, description="Also write TensorBoard events (metrics.jsonl is always written).")

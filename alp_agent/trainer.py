@@ -59,6 +59,7 @@ class _Micro:
     temperature: float
     old: torch.Tensor | None
     ref: torch.Tensor | None
+    start: int = 1  # first position with loss mask 1 in any row: logits before it are never needed
 
 
 def _rows_from(trajs: list[Trajectory], adv: torch.Tensor) -> list[_Row]:
@@ -108,8 +109,10 @@ def _collate(rows: list[_Row], device: torch.device) -> _Micro:
         if ref is not None:
             ref[i, :n] = r.ref
     adv = torch.tensor([[r.adv] for r in rows])
+    on = mask.any(0).nonzero()
+    start = int(on[0]) if on.numel() else 1
     to = (lambda x: x.to(device) if x is not None else None)
-    return _Micro(to(ids), to(attn), to(mask), to(infer), to(adv), rows[0].temperature, to(old), to(ref))
+    return _Micro(to(ids), to(attn), to(mask), to(infer), to(adv), rows[0].temperature, to(old), to(ref), start)
 
 
 class Trainer:
@@ -169,7 +172,7 @@ class Trainer:
         model.eval()  # eval mode also gates the perturbation hooks off
         try:
             with self._autocast():
-                return sequence_logprobs(model, mb.ids, mb.attn, mb.temperature, with_entropy)
+                return sequence_logprobs(model, mb.ids, mb.attn, mb.temperature, with_entropy, start=mb.start)
         finally:
             model.train(was_training)
 
@@ -194,21 +197,28 @@ class Trainer:
         do_clean = u.clean_metrics_every > 0 and self.step % u.clean_metrics_every == 0
         base_name = "infer" if not a.uses_old_logprobs else "old"
         tok = {k: [] for k in ("log_ratio", "d_infer", "clean", "noisy", "inf", "entropy", "ent_train")}
-        seq = {k: [] for k in ("log_ratio",)}
+        seq = {k: [] for k in ("log_ratio", "d_infer")}
         counts = Counter()
         loss_total = 0.0
         t0 = time.perf_counter()
         for j, mb_rows in enumerate(micro_batches(rows, u.micro_batch_tokens, u.max_micro_batch_size)):
             mb = _collate(mb_rows, self.device)
             valid = mb.mask > 0
-            if do_clean:
+            # Without noise the training forward *is* the clean one: its logprobs and entropy serve the clean
+            # metrics, and the extra no-grad forward is only paid when there is noise to compare against.
+            clean_from_train = do_clean and self.perturbation is None
+            if do_clean and not clean_from_train:
                 clean, ent = self._clean_logprobs(mb, with_entropy=True)
                 tok["clean"].append(clean[valid].float().cpu())
                 tok["entropy"].append(ent[valid].float().cpu())
             with self._noise(j):
                 with self._autocast():
                     logp, ent_t = sequence_logprobs(self.model, mb.ids, mb.attn, mb.temperature,
-                                                    with_entropy=a.entropy_coef > 0)
+                                                    with_entropy=a.entropy_coef > 0 or clean_from_train,
+                                                    start=mb.start, entropy_grad=a.entropy_coef > 0)
+                if clean_from_train:
+                    tok["clean"].append(logp.detach()[valid].float().cpu())
+                    tok["entropy"].append(ent_t.detach()[valid].float().cpu())
                 terms, mask = policy_loss(
                     a.name, logp, mb.infer, mb.mask, mb.adv, level=a.level, eps_low=a.eps_low, eps_high=a.eps_high,
                     dual_clip=a.dual_clip, old=mb.old, log_ratio_clamp=a.log_ratio_clamp, is_level=a.is_level,
@@ -233,6 +243,8 @@ class Trainer:
                     tok["ent_train"].append(ent_t.detach()[valid].float().cpu())
                 seq["log_ratio"].append(sequence_log_ratio(lpd, base, mb.mask, geometric=a.level == "geo_sequence")
                                         .clamp(-a.log_ratio_clamp, a.log_ratio_clamp).cpu())
+                seq["d_infer"].append(sequence_log_ratio(lpd, mb.infer, mb.mask, geometric=False)
+                                      .clamp(-a.log_ratio_clamp, a.log_ratio_clamp).cpu())
                 counts["tokens"] += int(valid.sum())
                 counts["clip_upper"] += int((terms.clip_upper & valid).sum())
                 counts["clip_lower"] += int((terms.clip_lower & valid).sum())
@@ -269,6 +281,7 @@ class Trainer:
 
         cat = {k: torch.cat(v) if v else torch.empty(0) for k, v in tok.items()}
         seq_lr = torch.cat(seq["log_ratio"]) if seq["log_ratio"] else torch.empty(0)
+        seq_d_infer = torch.cat(seq["d_infer"]) if seq["d_infer"] else torch.empty(0)
         n = max(counts["tokens"], 1)
         m.update({
             "loss/pg": loss_total,
@@ -290,6 +303,10 @@ class Trainer:
         })
         m.update(summarize(cat["log_ratio"].exp(), f"ratio_token_vs_{base_name}"))
         m.update(summarize(seq_lr.exp(), f"ratio_seq_vs_{base_name}"))
+        if base_name == "old":
+            # the trained policy against the sampler mu as well, so every algorithm is compared on the same ratio
+            m.update(summarize(cat["d_infer"].clamp(-a.log_ratio_clamp, a.log_ratio_clamp).exp(), "ratio_token_vs_infer"))
+            m.update(summarize(seq_d_infer.exp(), "ratio_seq_vs_infer"))
         # train-inference KL with the noise the loss saw (== clean when noise is off) and, if measured, without noise
         m.update(kl_stats(cat["noisy"], cat["inf"], "kl_train_infer/noisy"))
         if do_clean:

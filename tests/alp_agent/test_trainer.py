@@ -107,7 +107,7 @@ def test_micro_batching_equals_one_big_batch():
         m = tiny()
         Trainer(m, config(algo={"name": "bypass"}, update={"micro_batch_tokens": budget})).update(make_batch(tiny()))
         res.append(flat(m))
-    assert torch.allclose(res[0], res[1], atol=1e-6)
+    assert torch.allclose(res[0], res[1], atol=1e-5)
 
 
 def test_micro_batches_bucket_by_length_and_budget():
@@ -360,3 +360,14 @@ def test_sync_weights_into_vllm_in_place(tiny_model_dir):
     m.eval()
     lp, _ = sequence_logprobs(m, torch.tensor([prompt + g.token_ids]))
     assert torch.allclose(lp[0, len(prompt):], torch.tensor(g.logprobs), atol=1e-3)
+
+
+def test_logprobs_from_start_equal_full_forward_after_start():
+    """`start` skips the LM head on the shared prompt: later positions are unchanged, earlier ones are 0."""
+    m = tiny().eval()
+    ids = torch.randint(3, VOCAB, (3, 15), generator=torch.Generator().manual_seed(0))
+    full, ent_full = sequence_logprobs(m, ids, with_entropy=True)
+    part, ent_part = sequence_logprobs(m, ids, with_entropy=True, start=6)
+    assert torch.allclose(part[:, 6:], full[:, 6:], atol=1e-5)
+    assert torch.allclose(ent_part[:, 6:], ent_full[:, 6:], atol=1e-5)
+    assert torch.all(part[:, :6] == 0)
