@@ -316,7 +316,8 @@ class Trainer:
         elif cat["ent_train"].numel():
             m["entropy"] = float(cat["ent_train"].mean())
         m.update(self._sigma_metrics(sig_grad))
-        return m, {"log_ratio": [cat["log_ratio"]], "seq_log_ratio": [seq_lr], "d_infer": [cat["d_infer"]]}
+        return m, {"log_ratio": [cat["log_ratio"]], "seq_log_ratio": [seq_lr], "d_infer": [cat["d_infer"]],
+                   "seq_d_infer": [seq_d_infer]}
 
     def _sigma_metrics(self, grad: torch.Tensor | None) -> dict[str, float]:
         if self.perturbation is None:
@@ -366,7 +367,7 @@ class Trainer:
         k = min(u.updates_per_batch, len(rows))
         chunks = [order[i * len(order) // k:(i + 1) * len(order) // k] for i in range(k)]
         t0 = time.perf_counter()
-        step_ms, acc = [], {"log_ratio": [], "seq_log_ratio": [], "d_infer": []}
+        step_ms, acc = [], {"log_ratio": [], "seq_log_ratio": [], "d_infer": [], "seq_d_infer": []}
         for ch in chunks:
             sm, raw = self._optimizer_step([rows[i] for i in ch])
             self.step += 1
@@ -378,6 +379,10 @@ class Trainer:
         base_name = "infer" if not a.uses_old_logprobs else "old"
         bm.update(summarize(torch.cat(acc["log_ratio"]).exp(), f"ratio_token_vs_{base_name}"))
         bm.update(summarize(torch.cat(acc["seq_log_ratio"]).exp(), f"ratio_seq_vs_{base_name}"))
+        if base_name == "old":  # the same ratio against the sampler for every algorithm (comparisons, repro)
+            bm.update(summarize(torch.cat(acc["d_infer"]).clamp(-a.log_ratio_clamp, a.log_ratio_clamp).exp(),
+                                "ratio_token_vs_infer"))
+            bm.update(summarize(torch.cat(acc["seq_d_infer"]).exp(), "ratio_seq_vs_infer"))
         keep = ("loss/", "grad_norm", "clip_frac/", "kl_train_infer/", "kl_noise/", "entropy", "mask/", "padding_frac",
                 "sigma")
         bm.update({f"steps_mean/{kk}": v for kk, v in mean_over(step_ms).items() if kk.startswith(keep)})
