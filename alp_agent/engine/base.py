@@ -6,7 +6,7 @@ The rollout never sees text from an engine, only ids, so what the trainer trains
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +49,12 @@ class Engine(abc.ABC):
         import asyncio
 
         return (await asyncio.to_thread(self.generate, [prompt], sampling))[0]
+
+    def route(self, key: Hashable) -> Engine:
+        """The engine that should serve every request of the episodes sharing `key` (the rollout passes the GRPO
+        group). A single engine is its own route; a pool (pool.py) pins a group to one member so the group's
+        shared prompt and each episode's growing history reuse that member's prefix cache."""
+        return self
 
     @abc.abstractmethod
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:

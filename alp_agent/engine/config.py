@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class EngineConfig(BaseModel):
@@ -28,7 +28,41 @@ class EngineConfig(BaseModel):
     )
     enforce_eager: bool = Field(True, description="No CUDA graphs / torch.compile: fast start-up, small models.")
     seed: int = Field(0, description="Engine seed (requests without their own seed draw from it).")
-    tensor_parallel_size: int = Field(1, ge=1, description="CUDA only: GPUs per engine.")
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="CUDA only: GPUs per engine (vLLM tensor parallelism). 1 fits both paper settings (a 7B policy "
+        "is 15 GB in bf16); > 1 only for models that do not fit one GPU (weight sync then goes through vLLM's RPC).",
+    )
+    num_engines: int = Field(
+        1,
+        ge=1,
+        description="Independent vLLM engines, each with a full copy of the weights (data-parallel rollout). The "
+        "pool spreads episodes over them (see `routing`) and loads new weights into every one after each batch. "
+        "> 1 needs placement 'process'.",
+    )
+    placement: Literal["inprocess", "process"] = Field(
+        "inprocess",
+        description="'inprocess': vLLM runs inside the trainer's process (weights swapped in place, no copy). "
+        "'process': each engine runs in its own child process; weights travel through shared memory (one copy per "
+        "sync, no disk), so engines can sit on their own GPUs/cores and a crash of vLLM does not take the trainer "
+        "down.",
+    )
+    routing: Literal["group", "least_loaded"] = Field(
+        "group",
+        description="How a pool of engines shares the work. 'group': every turn of every episode of one GRPO group "
+        "goes to the same engine (group g -> engine g mod num_engines), so the group's shared prompt and each "
+        "episode's growing history hit that engine's prefix cache. 'least_loaded': each request goes to the engine "
+        "with the fewest requests in flight (better balance when episode lengths differ a lot, no prefix reuse "
+        "across engines).",
+    )
+    devices: list[int] | None = Field(
+        None,
+        description="CUDA only, placement 'process': GPU indices (among the visible ones) for the engines, taken in "
+        "order, tensor_parallel_size per engine; e.g. [4, 5, 6, 7] with num_engines 4 keeps GPUs 0-3 for the "
+        "trainer. None: with one engine it shares the trainer's GPU (gpu_memory_utilization splits it); with "
+        "several, the first num_engines x tensor_parallel_size GPUs.",
+    )
     max_num_seqs: int = Field(256, ge=1, description="Maximum sequences the scheduler batches at once.")
     enable_prefix_caching: bool = Field(
         True, description="Reuse KV of shared prefixes (multi-turn episodes resend their history every turn)."
@@ -46,3 +80,16 @@ class EngineConfig(BaseModel):
         "NonFiniteLogprobsError; 'flag' returns the generation with info['nonfinite_logprobs'] set (the rollout "
         "then ends that episode with finish_reason 'nonfinite_logprobs').",
     )
+
+    @model_validator(mode="after")
+    def _check_placement(self) -> EngineConfig:
+        if self.num_engines > 1 and self.placement != "process":
+            raise ValueError(
+                "num_engines > 1 needs placement: process (vLLM keeps process-global state: one engine per process)"
+            )
+        if self.devices is not None and len(self.devices) < self.num_engines * self.tensor_parallel_size:
+            raise ValueError(
+                f"devices lists {len(self.devices)} GPUs; num_engines x tensor_parallel_size needs "
+                f"{self.num_engines * self.tensor_parallel_size}"
+            )
+        return self

