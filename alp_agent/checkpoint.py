@@ -6,6 +6,12 @@ It is written into `<name>.tmp` and renamed, and `<dir>/latest` (the folder name
 crash never leaves a half checkpoint that resume would pick up. Resume restores everything that decides the next
 step, so it equals an uninterrupted run (tested).
 
+Under torchrun with FSDP2 (no rank holds the whole state) the folder is sharded instead: `dcp/` (model incl.
+log-sigmas and optimizer, written by all ranks with torch.distributed.checkpoint), `meta.pt` (scheduler, counters,
+shuffle generator, config; rank 0) and `rng_rank<r>.pt`. DCP reshards on load, so such a checkpoint resumes on
+another number of ranks, or in one process; `load_policy_weights` reads the HF weights of either format for export.
+DDP keeps the single-process format (rank 0 writes it: every rank holds the same state).
+
 `export_hf` writes a plain HF folder (config + safetensors [+ tokenizer]) without log-sigmas: transformers and vLLM
 load it as is.
 """
@@ -18,6 +24,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from alp_agent import distributed as D
 
 try:  # numpy is optional for us, but present with vllm/transformers
     import numpy as np
@@ -50,7 +58,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(trainer, ckpt_dir: str | Path, keep_last: int | None = None) -> Path:
-    """Write the trainer's full state to `<ckpt_dir>/step_<batch>` atomically; returns the folder."""
+    """Write the trainer's full state to `<ckpt_dir>/step_<batch>` atomically; returns the folder.
+
+    Under torchrun: call it on rank 0 (FSDP2: the ranks in `Trainer.follow()` join the sharded write; DDP: rank 0
+    writes the single-process format alone)."""
+    if getattr(trainer, "sharded", False):
+        return _save_sharded(trainer, Path(ckpt_dir), keep_last)
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step_{trainer.batch:06d}"
@@ -60,6 +73,13 @@ def save_checkpoint(trainer, ckpt_dir: str | Path, keep_last: int | None = None)
     tmp.mkdir()
     torch.save(trainer.state_dict(), tmp / "trainer.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
+    _publish(tmp, final, keep_last)
+    return final
+
+
+def _publish(tmp: Path, final: Path, keep_last: int | None) -> None:
+    """Rename the finished `tmp` folder to `final`, point `latest` at it, drop all but the newest `keep_last`."""
+    ckpt_dir = final.parent
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -68,7 +88,35 @@ def save_checkpoint(trainer, ckpt_dir: str | Path, keep_last: int | None = None)
         old = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for p in old[:-keep_last]:
             shutil.rmtree(p)
+
+
+def _save_sharded(trainer, ckpt_dir: Path, keep_last: int | None) -> Path:
+    """FSDP2: every rank writes its shards into `<name>.tmp/dcp`; rank 0 writes the metadata and publishes the
+    folder only after all ranks finished (barriers), so `latest` never names a partial checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    trainer.announce("save_checkpoint", (str(ckpt_dir), keep_last))
+    final = ckpt_dir / f"step_{trainer.batch:06d}"
+    tmp = ckpt_dir / (final.name + ".tmp")
+    if D.is_main():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    D.barrier()
+    dcp.save(trainer.sharded_state(), checkpoint_id=str(tmp / "dcp"))
+    torch.save(_rng_state(), tmp / f"rng_rank{D.rank()}.pt")
+    if D.is_main():
+        torch.save(trainer.meta_state(), tmp / "meta.pt")
+    D.barrier()
+    if D.is_main():
+        _publish(tmp, final, keep_last)
+    D.barrier()
     return final
+
+
+def _is_sharded_checkpoint(path: Path) -> bool:
+    return (path / "dcp" / ".metadata").is_file() and (path / "meta.pt").is_file()
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
@@ -78,17 +126,48 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     if not marker.is_file():
         return None
     p = ckpt_dir / marker.read_text().strip()
-    return p if (p / "trainer.pt").is_file() else None
+    return p if (p / "trainer.pt").is_file() or _is_sharded_checkpoint(p) else None
 
 
 def load_checkpoint(trainer, path: str | Path) -> None:
-    """Restore a trainer (built with the same config and model architecture) and the global RNGs from `path`."""
+    """Restore a trainer (built with the same config and model architecture) and the global RNGs from `path`.
+
+    Under torchrun call it on every rank. A sharded (FSDP2) checkpoint loads into any number of ranks, or into a
+    single process; a single-file one into a single process or DDP."""
     path = Path(path)
+    if _is_sharded_checkpoint(path):
+        _load_sharded(trainer, path)
+        return
     sd = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     trainer.load_state_dict(sd)
     rng = path / "rng.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+
+
+def _load_sharded(trainer, path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    state = trainer.sharded_state()  # the template (shapes, shards) that DCP fills in place
+    dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=not D.is_distributed())
+    trainer.load_sharded_state(state, torch.load(path / "meta.pt", map_location="cpu", weights_only=False))
+    rng = path / f"rng_rank{D.rank()}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+
+
+def load_policy_weights(model, path: str | Path) -> None:
+    """Load the policy weights of a checkpoint (either format) into a plain, unsharded HF model, e.g. for export."""
+    path = Path(path)
+    if not _is_sharded_checkpoint(path):
+        model.load_state_dict(torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)["model"])
+        return
+    import torch.distributed.checkpoint as dcp
+
+    # the keys the trainer saved (Trainer._state_module: the policy under 'policy.'); DCP loads only these
+    state = {"model": {f"policy.{k}": v for k, v in model.state_dict().items()}}
+    dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=True)  # one process reads every shard
+    model.load_state_dict({k.removeprefix("policy."): v for k, v in state["model"].items()})
 
 
 def export_hf(model, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None) -> Path:

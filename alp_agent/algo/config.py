@@ -156,9 +156,43 @@ class UpdateConfig(_Strict):
     seed: int = Field(0, description="Seed of mini-batch shuffling.")
 
 
+class DistConfig(_Strict):
+    """Several trainer processes under `torchrun` (ignored without it: a plain run is one process)."""
+
+    strategy: Literal["none", "ddp", "fsdp2"] = Field(
+        "none",
+        description="Data parallelism over torchrun's ranks. ddp: every rank holds the whole model, gradients are "
+        "averaged in backward. fsdp2: parameters, gradients and optimizer state are sharded over ranks "
+        "(torch fully_shard per decoder layer, then the root); checkpoints become sharded (torch.distributed."
+        "checkpoint). none: a single process (torchrun with several ranks then refuses to start).",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="Process-group backend: auto = nccl on CUDA, gloo on CPU."
+    )
+    timeout_s: int = Field(1800, ge=1, description="Timeout of the training collectives (seconds).")
+    command_timeout_s: int = Field(
+        86400,
+        ge=1,
+        description="Timeout of the command channel on which ranks > 0 wait while rank 0 samples, evaluates and "
+        "writes logs (seconds); a separate gloo group, so a long rollout does not trip the training timeout.",
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="fsdp2: free the gathered layer weights after the forward and gather again in backward (less "
+        "memory, more communication); False keeps them until backward.",
+    )
+    sync_last_micro_only: bool = Field(
+        True,
+        description="Reduce gradients over ranks only on the last micro-batch of a mini-batch (DDP no_sync, FSDP2 "
+        "set_requires_gradient_sync(False) before it): less communication. Under fsdp2 this keeps one unsharded "
+        "gradient per rank between micro-batches; False reduce-scatters after every micro-batch instead.",
+    )
+
+
 class TrainerConfig(_Strict):
     """Everything `Trainer` needs besides the model."""
 
     algo: AlgoConfig = Field(default_factory=AlgoConfig, description="Loss, baselines and perturbation.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")
     update: UpdateConfig = Field(default_factory=UpdateConfig, description="Mini/micro-batching and compute.")
+    dist: DistConfig = Field(default_factory=DistConfig, description="Several processes under torchrun (DDP / FSDP2).")

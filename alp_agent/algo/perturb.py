@@ -10,9 +10,9 @@ How it maps to the spec:
   vLLM and never exported.
 - **When**: only inside `with perturber.active(step, micro)` *and* with the model in train mode. Rollout, reference,
   evaluation and old-logprob forwards run outside it and are clean.
-- **Which eps**: eps depends only on (seed, step, micro-batch, layer), so activation-checkpoint recomputation and
-  reruns draw the same noise. The backward pass of checkpointed layers re-enters the hook, so `backward()` must be
-  called inside the same `active()` block (the trainer does).
+- **Which eps**: eps depends only on (seed, step, micro-batch, layer[, rank under torchrun]), so activation-checkpoint
+  recomputation and reruns draw the same noise. The backward pass of checkpointed layers re-enters the hook, so
+  `backward()` must be called inside the same `active()` block (the trainer does).
 - **Memory**: `_AddNoise` does not save eps for backward; it regenerates it from its seed (dL/dh = identity,
   dL/ds_l = sum(g * sigma_l * eps)), so ALP keeps no extra activation per layer.
 """
@@ -29,10 +29,12 @@ from torch import nn
 _MASK = (1 << 63) - 1
 
 
-def noise_seed(base: int, step: int, micro: int, layer: int) -> int:
-    """A 63-bit seed from (base, step, micro, layer): a splitmix-style mix so nearby tuples give unrelated streams."""
+def noise_seed(base: int, step: int, micro: int, layer: int, rank: int = 0) -> int:
+    """A 63-bit seed from (base, step, micro, layer[, rank]): a splitmix-style mix so nearby tuples give unrelated
+    streams. rank: the trainer process under torchrun, so ranks training different rows draw independent noise;
+    rank 0 mixes nothing extra, so a single process draws exactly the noise it always did."""
     x = 0
-    for v in (base, step, micro, layer):
+    for v in (base, step, micro, layer) + ((rank,) if rank else ()):
         x = (x * 0x9E3779B97F4A7C15 + (v & _MASK) + 0x632BE59BD9B4E019) & _MASK
         x ^= x >> 31
     return x
@@ -140,9 +142,10 @@ class LayerPerturbation(nn.Module):
         target: str = "layers",
         scale_aware: bool = False,
         seed: int = 0,
+        rank: int = 0,
     ) -> None:
         super().__init__()
-        self.target, self.scale_aware, self.seed = target, scale_aware, seed
+        self.target, self.scale_aware, self.seed, self.rank = target, scale_aware, seed, rank
         stack = find_decoder_layers(model)
         if target == "layers":
             self.layer_ids = select_layers(layers, len(stack))
@@ -175,7 +178,7 @@ class LayerPerturbation(nn.Module):
 
     def _seed(self, k: int) -> int:
         step, micro = self._state  # type: ignore[misc]
-        return noise_seed(self.seed, step, micro, self.layer_ids[k])
+        return noise_seed(self.seed, step, micro, self.layer_ids[k], self.rank)
 
     def _make_pre_hook(self, k: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
@@ -226,10 +229,11 @@ def sigma_penalty(log_sigma: torch.Tensor, alpha: float, beta: float) -> torch.T
     return (alpha * torch.exp(2 * log_sigma) - beta * 2 * log_sigma).sum()
 
 
-def build_perturbation(model: nn.Module, cfg) -> LayerPerturbation | None:
-    """From an AlgoConfig: the attached perturbation, or None when noise is off (Bypass and the baselines)."""
+def build_perturbation(model: nn.Module, cfg, rank: int = 0) -> LayerPerturbation | None:
+    """From an AlgoConfig: the attached perturbation, or None when noise is off (Bypass and the baselines).
+    rank: this trainer process under torchrun (enters the noise seed)."""
     if not cfg.noise_on:
         return None
     p = cfg.perturb
     sigma0 = (p.logits_sigma0 or p.sigma0) if p.target == "logits" else p.sigma0
-    return LayerPerturbation(model, p.layers, sigma0, p.learnable, p.target, p.scale_aware, p.seed)
+    return LayerPerturbation(model, p.layers, sigma0, p.learnable, p.target, p.scale_aware, p.seed, rank)
