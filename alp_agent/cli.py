@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -105,6 +106,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def argv_of_this_process() -> list[str]:
+    """The arguments after the program name, for recording the exact command in results."""
+    return sys.argv[1:]
+
+
+def cmd_repro(args: argparse.Namespace) -> int:
+    from alp_agent.repro import execute, load_plan, write_results
+
+    plan, cfg_path = load_plan(args.config, args.overrides)
+    out_dir = Path(args.out or plan.out_dir)
+    command = "alp-agent " + " ".join(shlex.quote(a) for a in (argv_of_this_process()))
+    if not args.report_only:
+        try:
+            execute(plan, cfg_path, out_dir, only=args.only, dry_run=args.dry_run)
+        finally:
+            if not args.dry_run:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                with open(out_dir / "commands.txt", "a", encoding="utf-8") as f:
+                    f.write(command + "\n")
+    if not args.dry_run:
+        print(f"table: {write_results(plan, out_dir, command, name=Path(args.config).stem)}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from alp_agent.evaluate_cli import run_eval_command
 
@@ -157,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="Output folder (default: <run_dir>/export).")
     x.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="Saved dtype.")
     x.set_defaults(fn=cmd_export)
+
+    rr = sub.add_parser("repro", help="Small-scale reproduction of the paper: every arm, one table and plots.",
+                        epilog=EPILOG + " Overrides apply to every run of the plan.")
+    rr.add_argument("--config", "-c", default="configs/repro/default.yaml", help="Repro plan (configs/repro/).")
+    rr.add_argument("--out", help="Output folder (default: the plan's out_dir).")
+    rr.add_argument("--only", action="append", help="Only runs whose name contains this (repeatable), e.g. stale4_seq_alp.")
+    rr.add_argument("--dry-run", action="store_true", help="Validate every run's config and print the commands.")
+    rr.add_argument("--report-only", action="store_true", help="Only rebuild table.md and plots from finished runs.")
+    rr.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every run.")
+    rr.set_defaults(fn=cmd_repro)
 
     rp = sub.add_parser("report", help="Plots (PNG) and a markdown summary of a finished or running run.")
     rp.add_argument("run_dir", help="Run directory.")
