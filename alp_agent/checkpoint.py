@@ -145,11 +145,20 @@ def load_checkpoint(trainer, path: str | Path) -> None:
         _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
 
 
-def _load_sharded(trainer, path: Path) -> None:
+def _dcp_load(state: dict, folder: Path, one_process: bool) -> None:
+    """Fill `state` in place from a DCP folder; one_process: this process alone reads every shard it needs."""
+    import warnings
+
     import torch.distributed.checkpoint as dcp
 
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # the intended single process
+        dcp.load(state, checkpoint_id=str(folder), no_dist=one_process)
+
+
+def _load_sharded(trainer, path: Path) -> None:
     state = trainer.sharded_state()  # the template (shapes, shards) that DCP fills in place
-    dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=not D.is_distributed())
+    _dcp_load(state, path / "dcp", one_process=not D.is_distributed())
     trainer.load_sharded_state(state, torch.load(path / "meta.pt", map_location="cpu", weights_only=False))
     rng = path / f"rng_rank{D.rank()}.pt"
     if rng.is_file():
@@ -162,11 +171,9 @@ def load_policy_weights(model, path: str | Path) -> None:
     if not _is_sharded_checkpoint(path):
         model.load_state_dict(torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)["model"])
         return
-    import torch.distributed.checkpoint as dcp
-
     # the keys the trainer saved (Trainer._state_module: the policy under 'policy.'); DCP loads only these
     state = {"model": {f"policy.{k}": v for k, v in model.state_dict().items()}}
-    dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=True)  # one process reads every shard
+    _dcp_load(state, path / "dcp", one_process=True)
     model.load_state_dict({k.removeprefix("policy."): v for k, v in state["model"].items()})
 
 

@@ -14,6 +14,7 @@ single-process algorithm plus a handful of calls that are no-ops without torchru
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Iterable
@@ -77,6 +78,7 @@ def init_distributed(cfg: DistConfig) -> bool:
             torch.cuda.set_device(device)
         dist.init_process_group(resolve_backend(cfg.backend, device),
                                 timeout=datetime.timedelta(seconds=cfg.timeout_s))
+        atexit.register(shutdown)  # leave the group cleanly however the job ends
     if _COMMAND_GROUP is None:
         _COMMAND_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.command_timeout_s))
     return is_distributed()

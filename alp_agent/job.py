@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,9 +159,13 @@ def run_dir_of(cfg: RunConfig) -> Path:
 
 
 def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """The main job. Returns a summary dict (accuracy before/after, last metrics, run dir)."""
+    """The main job. Returns a summary dict (accuracy before/after, last metrics, run dir).
+
+    Under torchrun (several ranks, trainer.dist.strategy ddp or fsdp2) rank 0 runs this whole job (sandbox, vLLM,
+    rollout, eval, logs, checkpoints) and the other ranks only train: see `_follow`."""
     import torch
 
+    from alp_agent import distributed as D
     from alp_agent.checkpoint import latest_checkpoint, load_checkpoint
     from alp_agent.logging import MetricsWriter
     from alp_agent.models import load_model
@@ -170,6 +175,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
     if cfg.rollout.temperature <= 0:
         raise ConfigError("rollout.temperature: training samples from the policy and divides logits by this "
                           "temperature, so it must be > 0 (greedy decoding is for eval.temperature)")
+    dist_on = _init_distributed(cfg)  # False without torchrun: nothing below changes then
+    if dist_on and not D.is_main():
+        return _follow(cfg)
     run_dir = run_dir_of(cfg)
     ckpt_dir = run_dir / "checkpoints"
     if run_dir.exists() and latest_checkpoint(ckpt_dir) is not None and not resume:
@@ -189,18 +197,69 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
                                run_config=cfg.model_dump(mode="json"))
         comps.closers.append(writer.close)
         try:
-            model = load_model(comps.model_dir, dtype=torch.float32)
+            ckpt = latest_checkpoint(ckpt_dir) if resume else None
+            if dist_on:  # the other ranks build their trainer (and load the checkpoint) with ours
+                D.broadcast_object(("start", (comps.model_dir, str(ckpt) if ckpt is not None else None)), command=True)
+                model = load_model(comps.model_dir, dtype=torch.float32, device=D.local_device())
+            else:
+                model = load_model(comps.model_dir, dtype=torch.float32)
             trainer = Trainer(model, cfg.trainer, writer=writer)
             comps.trainer = trainer
-            ckpt = latest_checkpoint(ckpt_dir) if resume else None
             if ckpt is not None:
                 load_checkpoint(trainer, ckpt)
                 trainer.sync_weights(comps.engine)  # the engine must sample with the resumed weights
                 ui.note(f"resumed from {ckpt} (batch {trainer.batch})")
             summary.update(_loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir))
+            if dist_on:
+                trainer.release_followers()
         finally:
             comps.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _init_distributed(cfg: RunConfig) -> bool:
+    """Join torchrun's process group when launched by it (refusing a config that would train one model per rank)."""
+    from alp_agent import distributed as D
+
+    if not D.launched_by_torchrun():
+        return False
+    if cfg.trainer.dist.strategy == "none":
+        raise ConfigError(f"trainer.dist.strategy: torchrun started {os.environ.get('WORLD_SIZE')} ranks; set it to "
+                          "ddp or fsdp2 (or run without torchrun)")
+    return D.init_distributed(cfg.trainer.dist)
+
+
+def _follow(cfg: RunConfig) -> dict[str, Any]:
+    """Ranks > 0 under torchrun: no sandbox, engine, logs or progress display; wait for rank 0's start (and the
+    checkpoint it resumes from), build the same trainer on this rank's device, then run what rank 0 announces
+    (updates on its broadcast batch, weight gathers, checkpoint writes) until it releases us.
+
+    If rank 0 fails, torchrun stops this process; Ctrl-C is left to rank 0, which finishes the batch and writes
+    the checkpoint with our help (this rank ignores SIGINT)."""
+    import signal
+
+    import torch
+
+    from alp_agent import distributed as D
+    from alp_agent.checkpoint import load_checkpoint
+    from alp_agent.models import load_model
+    from alp_agent.trainer import Trainer
+
+    with contextlib.suppress(ValueError):  # not the main thread (tests): keep the default handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.run.seed)
+    summary = {"run_dir": str(run_dir_of(cfg)), "rank": D.rank()}
+    command, payload = D.broadcast_object(None, command=True)
+    if command != "start":  # rank 0 finished before training started
+        return summary
+    model_dir, ckpt = payload  # rank 0 resolved (and downloaded) the model already
+    trainer = Trainer(load_model(model_dir, dtype=torch.float32, device=D.local_device()), cfg.trainer)
+    if ckpt is not None:
+        load_checkpoint(trainer, ckpt)
+    trainer.follow()
     return summary
 
 

@@ -126,6 +126,51 @@ def resume() -> None:
     save("resume", res)
 
 
+class FakeEngine:
+    """Stands in for vLLM on rank 0: counts weight loads and keeps the last state dict."""
+
+    def __init__(self) -> None:
+        self.loads = 0
+        self.loaded: dict = {}
+
+    def load_weights(self, sd: dict) -> None:
+        self.loads += 1
+        self.loaded = dict(sd)
+
+
+class FakeRunner:
+    """Stands in for the rollout: random episodes (engine logprobs from the initial tiny model)."""
+
+    def __init__(self) -> None:
+        self.last_metrics: dict = {}
+
+    def run(self, tasks: list[int], n: int, version: int):
+        return make_batch(tiny(), groups=len(tasks), n=n, seed=version)
+
+
+def job() -> None:
+    """`alp-agent train`'s job under torchrun (inference side faked on rank 0): 2 batches, then resume to 3."""
+    from alp_agent import job as J
+    from alp_agent.config import RunConfig
+
+    model_dir = OUT / "model"
+    if D.rank() == 0:
+        tiny().save_pretrained(model_dir)
+    D.barrier()
+    engine = FakeEngine()
+    J.build_inference = lambda cfg: J.Components(cfg, None, engine, None, FakeRunner(), None,
+                                                 model_dir=str(model_dir), num_tasks=4)
+    trainer = config(dist={"strategy": "fsdp2"}).model_dump()
+    base = {"engine": {"model": str(model_dir)}, "trainer": trainer, "eval": {"num_tasks": 0},
+            "run": {"out_dir": str(OUT), "name": "job", "prompts_per_batch": 2, "samples_per_prompt": 2,
+                    "sample_episodes": 0, "tensorboard": False, "checkpoint_every": 1}}
+    first = J.train(RunConfig.model_validate({**base, "run": {**base["run"], "iterations": 2}}), progress=False)
+    again = J.train(RunConfig.model_validate({**base, "run": {**base["run"], "iterations": 3}}), resume=True,
+                    progress=False)
+    save("job", {"first": first, "again": again, "engine_loads": engine.loads,
+                 "engine_keys": sorted(engine.loaded), "model_keys": sorted(tiny().state_dict())})
+
+
 def main() -> None:
     global OUT
     OUT = Path(sys.argv[1])
@@ -140,6 +185,7 @@ def main() -> None:
     equivalence("fsdp2_grpo_kl", "fsdp2", {"name": "grpo", "kl_coef": 1e-2})
     alp_noise()
     resume()
+    job()
     D.barrier()
     D.shutdown()
 

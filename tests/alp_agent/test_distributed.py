@@ -7,6 +7,7 @@ process, from the same models and batches.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def runs(tmp_path_factory) -> Path:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
            str(out)]
     try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        p = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired as e:  # a collective that never pairs up: fail, do not block CI
         pytest.fail(f"torchrun workers hung (timeout 300 s): {(e.stderr or '')[-3000:]}")
     assert p.returncode == 0, p.stderr[-5000:]
@@ -139,3 +140,18 @@ def test_split_rows_balances_tokens_and_covers_every_row():
     assert max(loads) - min(loads) <= 2, loads
     assert split_rows(rows, 1, 0) == rows
     assert split_rows(rows[:1], 2, 1) == []  # fewer rows than ranks: this rank pads with a filler micro-batch
+
+
+def test_train_job_under_torchrun_leads_follows_and_resumes(runs):
+    """`alp-agent train`'s job (inference faked): rank 0 samples, logs, checkpoints and syncs the engine with the
+    full weights; rank 1 only trains; a resumed second start continues from the sharded checkpoint."""
+    r0, r1 = load(runs, "job", 0), load(runs, "job", 1)
+    assert (r0["first"]["batches"], r0["again"]["batches"]) == (2, 3)
+    assert r1["again"]["rank"] == 1 and r1["engine_loads"] == 0
+    assert r0["engine_loads"] == 4 and r0["engine_keys"] == r0["model_keys"]  # 3 batches + the sync after resume
+    run = runs / "job"
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["kind"] == "batch"] == [1, 2, 3]  # one writer: rank 0
+    assert [r["step"] for r in recs if r["kind"] == "step"] == [1, 2, 3, 4, 5, 6]
+    ckpt = latest_checkpoint(run / "checkpoints")
+    assert ckpt.name == "step_000003" and (ckpt / "dcp").is_dir() and (ckpt / "rng_rank1.pt").is_file()
