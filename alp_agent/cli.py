@@ -106,17 +106,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def argv_of_this_process() -> list[str]:
-    """The arguments after the program name, for recording the exact command in results."""
-    return sys.argv[1:]
-
-
 def cmd_repro(args: argparse.Namespace) -> int:
     from alp_agent.repro import execute, load_plan, write_results
 
     plan, cfg_path = load_plan(args.config, args.overrides)
     out_dir = Path(args.out or plan.out_dir)
-    command = "alp-agent " + " ".join(shlex.quote(a) for a in (argv_of_this_process()))
+    command = "alp-agent " + " ".join(shlex.quote(a) for a in args.argv)  # recorded with the results
     if not args.report_only:
         try:
             execute(plan, cfg_path, out_dir, only=args.only, dry_run=args.dry_run)
@@ -201,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,106 @@
+"""`alp-agent repro`: plans validate and expand into distinct runs, the table's numbers come from metrics.jsonl as
+stated, and an end-to-end plan on a tiny model runs each arm once (a rerun keeps finished runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alp_agent.cli import main
+from alp_agent.config_io import ConfigError
+from alp_agent.logging import MetricsWriter
+from alp_agent.repro import execute, load_plan, plan_runs, summarize_run, write_results
+
+REPO = Path(__file__).resolve().parents[2]
+PLANS = REPO / "configs" / "repro"
+
+
+def test_shipped_plans_expand_into_distinct_valid_runs(tmp_path):
+    plan, cfg = load_plan(PLANS / "default.yaml")
+    runs = plan_runs(plan)
+    names = [r.name for r in runs]
+    assert len(names) == len(set(names)) == 16  # seq_alp/stale4 is in 'main' and 'layers' but runs once
+    assert names.index("stale8_seq_alp_s0") > max(names.index(n) for n in names if n.startswith("stale4"))
+    # every run's config validates (a dry run builds each one) and nothing is written
+    status = execute(plan, cfg, tmp_path / "out", dry_run=True, log=lambda *_: None)
+    assert [s["state"] for s in status] == ["dry-run"] * 16 and not (tmp_path / "out" / "runs").exists()
+    sweep, _ = load_plan(PLANS / "sweep.yaml")
+    assert "seq_alp" in sweep.arms and len(plan_runs(sweep)) == 5
+    seeds, _ = load_plan(PLANS / "seeds.yaml")
+    assert {r.seed for r in plan_runs(seeds)} == {0, 1, 2}
+
+
+def test_plan_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"config: {PLANS / 'base.yaml'}\narms: {{a: {{trainer.algo.name: alp}}}}\n"
+                   "settings: {s: {}}\ngroups: [{name: g, arms: [b], settings: [s]}]\n")
+    with pytest.raises(ConfigError, match="unknown arm 'b'"):
+        load_plan(bad)
+    bad.write_text(f"config: {PLANS / 'base.yaml'}\narms: {{a: {{trainer.algo.nmae: alp}}}}\n"
+                   "settings: {s: {}}\ngroups: [{name: g, arms: [a], settings: [s]}]\n")
+    plan, cfg = load_plan(bad)
+    with pytest.raises(ConfigError, match="arm 'a'.*trainer.algo.nmae"):
+        execute(plan, cfg, tmp_path / "out", dry_run=True, log=lambda *_: None)
+
+
+def _fake_run(run_dir: Path, kl: list[float], acc: list[float], steps_per_batch: int = 2) -> None:
+    w = MetricsWriter(run_dir, tensorboard=False)
+    w.write("eval", 0, {"accuracy": acc[0]})
+    for i, k in enumerate(kl, 1):
+        w.write("step", i, {"kl_train_infer/clean/k3": k, "ratio_token_vs_infer/p99_9": 1.0 + k,
+                            "ratio_token_vs_infer/max": 2.0 + k, "entropy": 0.5 + i})
+        if i % steps_per_batch == 0:
+            b = i // steps_per_batch
+            w.write("batch", b, {"reward/mean": 0.1 * b, "ratio_seq_vs_infer/p2": 0.5, "ratio_seq_vs_infer/p98": 1.0 + b,
+                                 "skipped_steps_total": 1.0})
+            w.write("eval", b, {"accuracy": acc[b]})
+    w.close()
+    (run_dir / "summary.json").write_text(json.dumps({"batches": len(kl) // steps_per_batch, "interrupted": False}))
+
+
+def test_summary_numbers_and_table(tmp_path):
+    plan, _ = load_plan(PLANS / "default.yaml")
+    runs = tmp_path / "runs"
+    _fake_run(runs / "stale4_seq_alp_s0", kl=[0.001, 0.02, 0.003, 0.05], acc=[0.2, 0.6, 0.4])
+    _fake_run(runs / "stale4_grpo_s0", kl=[0.001, 0.001, 0.001, 0.001], acc=[0.2, 0.3, 0.5])
+    s = summarize_run(runs / "stale4_seq_alp_s0", kl_threshold=0.01)
+    assert s["kl_peak"] == 0.05 and s["kl_spikes"] == 2 and s["kl_mean"] == pytest.approx(0.0185)
+    assert (s["acc_before"], s["acc_final"], s["acc_best"]) == (0.2, 0.4, 0.6)
+    assert s["tok_ratio_max"] == pytest.approx(2.05) and s["tok_ratio_p99_9"] == pytest.approx(1.05)
+    assert s["seq_width_end"] == pytest.approx(2.5) and s["skipped"] == 1.0
+    assert s["entropy_end"] == pytest.approx(4.0)  # mean over the last batch's two steps (3.5, 4.5)
+    table = write_results(plan, tmp_path, command="alp-agent repro", name="default")
+    text = table.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| seq_alp |"))
+    assert "| 0.400 | 0.600 |" in row and "| 2 |" in row
+    assert "| tis | 0/1 | -" in text  # missing runs are shown as missing, not dropped
+    assert (tmp_path / "plots" / "main_stale4.png").stat().st_size > 0
+    assert json.loads((tmp_path / "default.json").read_text())["stale4_grpo_s0"]["kl_spikes"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_repro_end_to_end_on_tiny_model_keeps_finished_runs(tiny_model_dir, tmp_path, capsys):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        f"config: {PLANS / 'base.yaml'}\nout_dir: {tmp_path / 'out'}\n"
+        "arms: {seq_alp: {trainer.algo.name: alp}, grpo: {trainer.algo.name: grpo}}\n"
+        "settings: {stale2: {trainer.update.updates_per_batch: 2}}\n"
+        "groups: [{name: main, arms: [seq_alp, grpo], settings: [stale2]}]\n")
+    small = [f"engine.model={tiny_model_dir}", "run.iterations=1", "run.prompts_per_batch=2", "run.samples_per_prompt=2",
+             "eval.num_tasks=2", "rollout.max_tokens_per_turn=16", "engine.max_model_len=1024"]
+    assert main(["repro", "-c", str(plan), *small]) == 0
+    out = tmp_path / "out"
+    for name in ("stale2_seq_alp_s0", "stale2_grpo_s0"):
+        assert json.loads((out / "runs" / name / "summary.json").read_text())["batches"] == 1
+        assert not (out / "runs" / name / "checkpoints").exists()  # checkpoint_at_end: false in the repro config
+    table = (out / "plan.md").read_text()
+    assert "| seq_alp | 1/1 |" in table and "| grpo | 1/1 |" in table
+    before = (out / "runs" / "stale2_grpo_s0" / "metrics.jsonl").stat().st_mtime
+    capsys.readouterr()
+    assert main(["repro", "-c", str(plan), *small]) == 0
+    assert capsys.readouterr().out.count("done, kept") == 2
+    assert (out / "runs" / "stale2_grpo_s0" / "metrics.jsonl").stat().st_mtime == before
+    assert (out / "commands.txt").read_text().splitlines() == [f"alp-agent repro -c {plan} " + " ".join(small)] * 2
