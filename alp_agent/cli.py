@@ -77,7 +77,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from alp_agent.checkpoint import export_hf, latest_checkpoint
+    from alp_agent.checkpoint import export_hf, latest_checkpoint, load_policy_weights
     from alp_agent.models import load_model, load_tokenizer, resolve_model
 
     run_dir = Path(args.run_dir)
@@ -90,8 +90,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"no checkpoint in {run_dir / 'checkpoints'}")
     base = resolve_model(cfg.engine.model)
     model = load_model(base, dtype=torch.float32)
-    state = torch.load(Path(ckpt) / "trainer.pt", map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
+    load_policy_weights(model, ckpt)  # a single-file or a sharded (FSDP2, torchrun) checkpoint
     dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
     out = export_hf(model, args.out or run_dir / "export", tokenizer=load_tokenizer(base), dtype=dtype)
     print(f"exported {ckpt} -> {out}")

@@ -18,7 +18,13 @@ import torch
 from dist_worker import grad_recorder
 from test_trainer import config, make_batch, tiny
 
-from alp_agent.checkpoint import export_hf, latest_checkpoint, load_checkpoint, load_policy_weights
+from alp_agent.checkpoint import (
+    export_hf,
+    latest_checkpoint,
+    load_checkpoint,
+    load_policy_weights,
+    save_checkpoint,
+)
 from alp_agent.trainer import Trainer, split_rows
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -155,3 +161,12 @@ def test_train_job_under_torchrun_leads_follows_and_resumes(runs):
     assert [r["step"] for r in recs if r["kind"] == "step"] == [1, 2, 3, 4, 5, 6]
     ckpt = latest_checkpoint(run / "checkpoints")
     assert ckpt.name == "step_000003" and (ckpt / "dcp").is_dir() and (ckpt / "rng_rank1.pt").is_file()
+
+
+def test_load_policy_weights_reads_single_file_checkpoints_too(tmp_path):
+    tr = Trainer(tiny(), config())
+    tr.update(make_batch(tiny()))
+    model = tiny(seed=3)
+    load_policy_weights(model, save_checkpoint(tr, tmp_path))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, tr.model.state_dict()[k]), k
