@@ -89,6 +89,21 @@ def alp_noise() -> None:
                        "noisy": noisy, "clean": clean})
 
 
+def activation_checkpointing() -> None:
+    """ALP under FSDP2 with HF activation checkpointing: the recompute inside backward re-gathers the layer and
+    re-enters the noise hook with the same seed, so the update equals the one without checkpointing."""
+    res = {}
+    for ckpt in (False, True):
+        tr = Trainer(tiny(), config(dist={"strategy": "fsdp2"}, update={"activation_checkpointing": ckpt}))
+
+        def one_update(tr: Trainer = tr) -> dict:
+            tr.update(make_batch(tiny()))
+            return {"weights": tr.policy_state_dict()}
+
+        res[ckpt] = {**lead(tr, one_update), "log_sigma": tr.perturbation.log_sigma.detach().clone()}
+    save("activation_checkpointing", res)
+
+
 def resume() -> None:
     """Sharded checkpoint after batch 1 of 3, resumed by a trainer built from another init, vs uninterrupted."""
     cfg = config(dist={"strategy": "fsdp2"}, optim={"warmup_steps": 3})
@@ -184,6 +199,7 @@ def main() -> None:
     # old logprobs and a (sharded) reference model: the no-grad forwards are split and gathered too
     equivalence("fsdp2_grpo_kl", "fsdp2", {"name": "grpo", "kl_coef": 1e-2})
     alp_noise()
+    activation_checkpointing()
     resume()
     job()
     D.barrier()

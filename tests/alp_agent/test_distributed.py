@@ -170,3 +170,10 @@ def test_load_policy_weights_reads_single_file_checkpoints_too(tmp_path):
     load_policy_weights(model, save_checkpoint(tr, tmp_path))
     for k, v in model.state_dict().items():
         assert torch.equal(v, tr.model.state_dict()[k]), k
+
+
+def test_fsdp2_activation_checkpointing_gives_same_update(runs):
+    res = load(runs, "activation_checkpointing")
+    assert torch.allclose(res[False]["log_sigma"], res[True]["log_sigma"], atol=1e-6)
+    for k, v in res[False]["weights"].items():
+        assert torch.allclose(v, res[True]["weights"][k], atol=1e-6), k
