@@ -68,6 +68,20 @@ class RunSection(_Strict):
     tensorboard: bool = Field(True, description="Also write TensorBoard events (metrics.jsonl is always written).")
     wandb_project: str | None = Field(None, description="Log to Weights & Biases under this project (needs wandb).")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads for the trainer; None = all cores.")
+    async_rollout: bool = Field(
+        False,
+        description="Sample batch k+1 (in a background thread) while the trainer updates on batch k. Weights reach "
+        "the engine only between rollouts, so each trajectory's policy_version is the exact version that sampled "
+        "it; the trainer then learns from data up to max_staleness versions old (staleness/mean and /max per "
+        "batch). Off: rollout and update alternate, staleness 0.",
+    )
+    max_staleness: int = Field(
+        1,
+        ge=1,
+        description="async_rollout only: most policy versions between the weights that sampled a batch and the "
+        "trainer that consumes it. 1 syncs weights after every update; k syncs every k-th (fewer syncs, staler "
+        "data).",
+    )
 
 
 class RunConfig(_Strict):

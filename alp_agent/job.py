@@ -178,6 +178,10 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
     dist_on = _init_distributed(cfg)  # False without torchrun: nothing below changes then
     if dist_on and not D.is_main():
         return _follow(cfg)
+    if dist_on and cfg.engine.placement == "inprocess":
+        # the trainers' process group is this process's default group, which an in-process vLLM would take for its
+        # own (and wait for the other ranks in it): rank 0 runs the engine in a child process instead
+        cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"placement": "process"})})
     run_dir = run_dir_of(cfg)
     ckpt_dir = run_dir / "checkpoints"
     if run_dir.exists() and latest_checkpoint(ckpt_dir) is not None and not resume:
@@ -192,7 +196,8 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     with ui:
         ui.phase("starting: sandbox, vLLM, model")
-        comps = build_inference(cfg)
+        with D.launcher_env_hidden() if dist_on else contextlib.nullcontext():
+            comps = build_inference(cfg)
         writer = MetricsWriter(run_dir, tensorboard=cfg.run.tensorboard, wandb_project=cfg.run.wandb_project,
                                run_config=cfg.model_dump(mode="json"))
         comps.closers.append(writer.close)
@@ -313,6 +318,7 @@ def _loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir) -> dict[str, Any]:
             trainer, comps.runner.run, comps.engine, comps.num_tasks, cfg.run.iterations, cfg.run.prompts_per_batch,
             cfg.run.samples_per_prompt, checkpoint_dir=str(ckpt_dir), checkpoint_every=cfg.run.checkpoint_every,
             keep_checkpoints=cfg.run.keep_checkpoints, seed=cfg.run.seed, eval_every=cfg.eval.every, hooks=hooks,
+            async_rollout=cfg.run.async_rollout, max_staleness=cfg.run.max_staleness,
             # the last batch is evaluated once, as "after", below
             eval_fn=lambda _v: evaluate(f"batch {trainer.batch}") if trainer.batch < cfg.run.iterations else None,
         )

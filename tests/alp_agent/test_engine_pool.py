@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import zlib
+from typing import ClassVar
 
 import pytest
 import torch
@@ -133,7 +135,7 @@ def test_pool_load_weights_reaches_every_engine_identically(pool, inproc, hf_sta
 class _TwoTurnEnv:
     """Scripted env: a tool observation after the first turn, reward 1 after the second."""
 
-    stop_strings: list[str] = []
+    stop_strings: ClassVar[list[str]] = []
 
     @property
     def unwrapped(self):
@@ -174,6 +176,82 @@ def test_rollout_spreads_groups_over_the_pool(pool, tiny_tokenizer):
         assert all(b > a for a, b in zip(start, pool.requests))
     finally:
         pool.routing = "group"
+
+
+class _OneTurnEnv:
+    """One model turn; reward = parity of the text's CRC (varies between samples, so updates move the weights)."""
+
+    stop_strings: ClassVar[list[str]] = []
+
+    @property
+    def unwrapped(self):
+        return self
+
+    def reset(self, seed=None, options=None):
+        self.texts = []
+        return [{"role": "user", "content": f"Task {(options or {}).get('task_index')}: say something"}], {}
+
+    async def astep(self, text):
+        self.texts.append(text)
+        return [], float(zlib.crc32(text.encode()) % 2), True, False, {}
+
+    def close(self):
+        pass
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_async_training_on_the_pool_records_the_true_version(pool, tiny_model_dir, tiny_tokenizer, hf_state):
+    """Async rollout on two vLLM processes: every trajectory's logprobs are those of the trainer's weights at the
+    version it records (and not of the next one), staleness is [0, 1, 1], and the pool ends with the final weights."""
+    from alp_agent.algo.config import TrainerConfig
+    from alp_agent.logprobs import sequence_logprobs
+    from alp_agent.models import load_model
+    from alp_agent.rollout.config import RolloutConfig
+    from alp_agent.rollout.runner import RolloutRunner
+    from alp_agent.trainer import LoopHooks, Trainer, run_training
+
+    model = load_model(tiny_model_dir)
+    cfg = TrainerConfig.model_validate({"optim": {"lr": 5e-2}, "update": {"updates_per_batch": 1}})
+    trainer = Trainer(model, cfg)
+    snapshots = {0: {k: v.clone() for k, v in model.state_dict().items()}}
+    sampled: list = []
+    hooks = LoopHooks(after_rollout=lambda b, trajs: sampled.extend(trajs),
+                      after_batch=lambda b, m: snapshots.__setitem__(
+                          trainer.policy_version, {k: v.clone() for k, v in model.state_dict().items()}))
+    runner = RolloutRunner(pool, tiny_tokenizer, _OneTurnEnv,
+                           RolloutConfig(max_tokens_per_turn=8, max_turns=1, seed=0, temperature=1.0,
+                                                         on_turn_limit="continue"))
+    try:
+        hist = run_training(trainer, runner.run, pool, num_tasks=4, num_batches=3, prompts_per_batch=2, n_per_task=4,
+                            async_rollout=True, max_staleness=1, hooks=hooks)
+        assert [h["staleness/max"] for h in hist] == [0, 1, 1]
+        assert sorted({t.policy_version for t in sampled}) == [0, 1]
+        check = load_model(tiny_model_dir).eval()
+
+        def logprobs_at(version: int, t) -> torch.Tensor:
+            check.load_state_dict(snapshots[version])
+            with torch.no_grad():
+                lp, _ = sequence_logprobs(check, torch.tensor([t.ids]))
+            return lp[0, len(t.prompt_ids):]
+
+        for t in sampled:
+            infer = torch.tensor(t.infer_logprobs)
+            own = (logprobs_at(t.policy_version, t) - infer).abs().max()
+            nxt = (logprobs_at(t.policy_version + 1, t) - infer).abs().max()
+            assert own < 1e-4 < 1e-2 < nxt, (own, nxt)
+        # after the loop every engine holds the final weights
+        t = sampled[-1]
+        prompt = t.ids[: len(t.prompt_ids)]
+        for member in pool.engines:
+            g = member.generate([prompt], SamplingConfig(temperature=1.0, max_tokens=8, seed=0))[0]
+            check.load_state_dict(snapshots[3])
+            with torch.no_grad():
+                lp, _ = sequence_logprobs(check, torch.tensor([prompt + g.token_ids]))
+            assert torch.allclose(lp[0, len(prompt):], torch.tensor(g.logprobs), atol=1e-3)
+    finally:
+        runner.close()
+        pool.load_weights(hf_state)
 
 
 @pytest.mark.vllm
