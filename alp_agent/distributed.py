@@ -15,9 +15,10 @@ single-process algorithm plus a handful of calls that are no-ops without torchru
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -82,6 +83,26 @@ def init_distributed(cfg: DistConfig) -> bool:
     if _COMMAND_GROUP is None:
         _COMMAND_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.command_timeout_s))
     return is_distributed()
+
+
+_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                  "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def launcher_env_hidden() -> Iterator[None]:
+    """Hide torchrun's variables from child processes started inside the block (the vLLM engine on rank 0).
+
+    Why: a child that inherits them takes itself for a torchrun worker; in particular, with
+    TORCHELASTIC_USE_AGENT_STORE set, torch's tcp:// rendezvous (the one vLLM uses for its own one-process group)
+    connects to torchrun's agent store instead of creating its own, and never completes."""
+    saved = {k: v for k, v in os.environ.items() if k in _LAUNCHER_VARS or k.startswith("TORCHELASTIC_")}
+    for k in saved:
+        del os.environ[k]
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def shutdown() -> None:
