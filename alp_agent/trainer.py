@@ -11,6 +11,12 @@
   5. clip, skip non-finite steps (counted), AdamW step; metrics per step and per batch through one MetricsWriter.
 Then `sync_weights(engine)` pushes the weights (never the log-sigmas) into the engine in place.
 
+Under torchrun (`trainer.dist.strategy` ddp or fsdp2, see alp_agent/distributed.py) every rank holds the same rollout
+batch (rank 0 broadcasts it: `update` on rank 0 announces it, the other ranks run `follow()`), the same shuffle and
+mini-batches; each mini-batch's rows are split over the ranks by token count, every rank normalises its loss with the
+whole mini-batch's token count (known to all), so the gradients summed over ranks equal the single-process one.
+Ranks pad to the same number of micro-batches with zero-weight ones, so collectives always pair up.
+
 `run_training(...)` is the outer loop (rollout -> update -> sync -> eval -> checkpoint) over any rollout callable.
 """
 
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from alp_agent import distributed as D
 from alp_agent.algo.advantages import group_advantages
 from alp_agent.algo.config import TrainerConfig
 from alp_agent.algo.losses import aggregate, kl_penalty, policy_loss, sequence_log_ratio
@@ -89,6 +96,27 @@ def micro_batches(rows: list[_Row], token_budget: int, max_rows: int) -> list[li
     return out
 
 
+def split_rows(rows: list[_Row], world: int, rank: int) -> list[_Row]:
+    """This rank's share of `rows` (kept in their original order): longest rows first to the least-loaded rank, so
+    ranks get similar token counts. Deterministic, so every rank computes the same partition. world=1: all rows."""
+    if world == 1:
+        return list(rows)
+    load = [0] * world
+    owner = [0] * len(rows)
+    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i].ids)):
+        k = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = k
+        load[k] += len(rows[i].ids)
+    return [r for i, r in enumerate(rows) if owner[i] == rank]
+
+
+def _filler(row: _Row) -> _Row:
+    """A zero-weight copy of a row (loss mask 0, advantage 0): the micro-batch a rank with fewer (or no) rows runs so
+    that every rank joins the same number of forward/backward collectives. Its loss and gradient are exactly 0."""
+    n = len(row.ids)
+    return _Row(row.ids, [0.0] * n, row.infer, 0.0, row.temperature, row.old, row.ref)
+
+
 def _collate(rows: list[_Row], device: torch.device) -> _Micro:
     T = max(len(r.ids) for r in rows)
     B = len(rows)
@@ -119,7 +147,12 @@ class Trainer:
     """Owns the policy (float32 master weights), the log-sigmas, the optimizer and the step counters.
 
     model: an HF causal LM already on `device`. ref_model: frozen reference for the KL term (deep-copied from the
-    initial model when kl_coef > 0 and none is given). writer: an alp_agent.logging.MetricsWriter or None.
+    initial model when kl_coef > 0 and none is given). writer: an alp_agent.logging.MetricsWriter or None (None on
+    ranks > 0 under torchrun: rank 0 writes the metrics, which cover every rank's tokens).
+
+    Under torchrun (process group initialised by `distributed.init_distributed`) the model is wrapped here per
+    `config.dist.strategy`; `self.model` stays the HF module (state dicts, hooks, train/eval), `self.forward_model`
+    is what the training forward calls (the DDP wrapper, or the FSDP2-sharded model itself).
     """
 
     def __init__(self, model: nn.Module, config: TrainerConfig | None = None, ref_model: nn.Module | None = None,
@@ -131,7 +164,12 @@ class Trainer:
         a, o, u = self.cfg.algo, self.cfg.optim, self.cfg.update
         if next(model.parameters()).dtype != torch.float32:
             raise ValueError("Trainer expects float32 master weights; use update.dtype='bfloat16' for bf16 compute")
-        self.perturbation = build_perturbation(model, a)
+        self.distributed = D.is_distributed()
+        if self.distributed and self.cfg.dist.strategy == "none":
+            raise ValueError(f"{D.world_size()} ranks are running but trainer.dist.strategy is 'none': "
+                             "set it to 'ddp' or 'fsdp2'")
+        self.sharded = self.distributed and self.cfg.dist.strategy == "fsdp2"
+        self.perturbation = build_perturbation(model, a, rank=D.rank())
         if self.perturbation is not None:
             self.perturbation.to(self.device)
         self.ref_model = ref_model
@@ -143,6 +181,11 @@ class Trainer:
             # non-reentrant: recompute happens inside backward, which we call inside perturbation.active(), so the
             # hook regenerates the same eps from the same (step, micro, layer) seed.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Wrap after the hooks, the reference copy and checkpointing are in place, before the optimizer sees the
+        # parameters (FSDP2 replaces them by DTensor shards). The reference is sharded too under FSDP2 (memory).
+        self.forward_model = D.wrap_policy(model, self.cfg.dist)
+        if self.sharded and self.ref_model is not None:
+            D.wrap_policy(self.ref_model, self.cfg.dist)
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": o.lr,
                    "weight_decay": o.weight_decay, "name": "policy"}]
         if self.perturbation is not None and isinstance(self.perturbation.log_sigma, nn.Parameter):
@@ -180,18 +223,47 @@ class Trainer:
         return self.perturbation.active(self.step, micro) if self.perturbation is not None else contextlib.nullcontext()
 
     def _fill_clean(self, rows: list[_Row], attr: str, model: nn.Module) -> None:
-        u = self.cfg.update
-        for mb_rows in micro_batches(rows, u.micro_batch_tokens, u.max_micro_batch_size):
+        """Clean logprobs of every row into `row.<attr>`; under torchrun each rank computes its share and the
+        results are gathered, so every rank ends with all rows filled."""
+        mine = split_rows(rows, D.world_size(), D.rank())
+        done: list[tuple[int, torch.Tensor]] = []
+        index = {id(r): i for i, r in enumerate(rows)}
+        for mb_rows, real in self._micro_schedule(mine, rows[0]):
             mb = _collate(mb_rows, self.device)
             lp, _ = self._clean_logprobs(mb, model)
-            for i, r in enumerate(mb_rows):
-                setattr(r, attr, lp[i, : len(r.ids)].float().cpu())
+            if real:
+                done += [(index[id(r)], lp[i, : len(r.ids)].float().cpu()) for i, r in enumerate(mb_rows)]
+        for part in D.all_gather_objects(done) if self.distributed else [done]:
+            for i, t in part:
+                setattr(rows[i], attr, t)
+
+    def _micro_schedule(self, mine: list[_Row], spare: _Row) -> list[tuple[list[_Row], bool]]:
+        """This rank's micro-batches as (rows, real), padded with zero-weight filler micro-batches up to the largest
+        count over ranks: FSDP2 gathers weights in every forward and DDP reduces in the last backward, so all ranks
+        must run the same number of forwards/backwards, even a rank that got no rows at all."""
+        u = self.cfg.update
+        mbs = [(m, True) for m in micro_batches(mine, u.micro_batch_tokens, u.max_micro_batch_size)] if mine else []
+        if self.distributed:
+            n = D.all_reduce_int(len(mbs), "max")
+            mbs += [([_filler(spare)], False)] * (n - len(mbs))
+        return mbs
+
+    def _grad_sync(self, last: bool):
+        """Gradient reduction over ranks on this backward? Only on the last micro-batch (when sync_last_micro_only):
+        DDP no_sync() around the others, FSDP2 set_requires_gradient_sync(False) for them."""
+        sync = last or not self.cfg.dist.sync_last_micro_only
+        if self.sharded:
+            self.model.set_requires_gradient_sync(sync)
+        elif self.distributed and not sync:
+            return self.forward_model.no_sync()
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ one optimizer step
     def _optimizer_step(self, rows: list[_Row]) -> tuple[dict[str, float], dict[str, list[torch.Tensor]]]:
         a, u = self.cfg.algo, self.cfg.update
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        # every rank holds the whole mini-batch, so this is the global token count without a collective
         n_tok = sum(sum(r.mask) for r in rows)
         denom = float(n_tok) if a.loss_agg == "token_mean" else float(len(rows))
         do_clean = u.clean_metrics_every > 0 and self.step % u.clean_metrics_every == 0
@@ -201,8 +273,10 @@ class Trainer:
         counts = Counter()
         loss_total = 0.0
         t0 = time.perf_counter()
-        for j, mb_rows in enumerate(micro_batches(rows, u.micro_batch_tokens, u.max_micro_batch_size)):
+        schedule = self._micro_schedule(split_rows(rows, D.world_size(), D.rank()), rows[0])
+        for j, (mb_rows, real) in enumerate(schedule):
             mb = _collate(mb_rows, self.device)
+            sync = self._grad_sync(j == len(schedule) - 1)
             valid = mb.mask > 0
             # Without noise the training forward *is* the clean one: its logprobs and entropy serve the clean
             # metrics, and the extra no-grad forward is only paid when there is noise to compare against.
@@ -211,9 +285,9 @@ class Trainer:
                 clean, ent = self._clean_logprobs(mb, with_entropy=True)
                 tok["clean"].append(clean[valid].float().cpu())
                 tok["entropy"].append(ent[valid].float().cpu())
-            with self._noise(j):
+            with self._noise(j), sync:
                 with self._autocast():
-                    logp, ent_t = sequence_logprobs(self.model, mb.ids, mb.attn, mb.temperature,
+                    logp, ent_t = sequence_logprobs(self.forward_model, mb.ids, mb.attn, mb.temperature,
                                                     with_entropy=a.entropy_coef > 0 or clean_from_train,
                                                     start=mb.start, entropy_grad=a.entropy_coef > 0)
                 if clean_from_train:
@@ -230,7 +304,13 @@ class Trainer:
                 if a.entropy_coef > 0:
                     loss = loss - a.entropy_coef * aggregate(ent_t, mb.mask, a.loss_agg, denom)
                 # backward inside the noise context: activation-checkpoint recompute re-enters the hooks.
-                loss.backward()
+                if self.distributed:
+                    # DDP and FSDP2 average gradients over ranks; each rank's loss is its share of the global sum
+                    (loss * D.world_size()).backward()
+                else:
+                    loss.backward()
+            if not real:
+                continue
             loss_total += float(loss.detach())
             with torch.no_grad():
                 lpd = logp.detach().float()
@@ -262,7 +342,11 @@ class Trainer:
                 pen.backward()
             m["loss/sigma_penalty"] = float(pen.detach())
         policy_params = self.optimizer.param_groups[0]["params"]
-        gn = float(torch.nn.utils.clip_grad_norm_(policy_params, self.cfg.optim.grad_clip))
+        if self.distributed:
+            self._sync_sigma_grad()
+            gn = D.clip_grad_norm(policy_params, self.cfg.optim.grad_clip)
+        else:
+            gn = float(torch.nn.utils.clip_grad_norm_(policy_params, self.cfg.optim.grad_clip))
         sgn = 0.0
         sig_grad = None
         if len(self.optimizer.param_groups) > 1 and self.perturbation.log_sigma.grad is not None:
@@ -282,6 +366,9 @@ class Trainer:
         cat = {k: torch.cat(v) if v else torch.empty(0) for k, v in tok.items()}
         seq_lr = torch.cat(seq["log_ratio"]) if seq["log_ratio"] else torch.empty(0)
         seq_d_infer = torch.cat(seq["d_infer"]) if seq["d_infer"] else torch.empty(0)
+        if self.distributed:
+            cat, seq_lr, seq_d_infer, counts, loss_total = self._gather_step_stats(cat, seq_lr, seq_d_infer, counts,
+                                                                                   loss_total)
         n = max(counts["tokens"], 1)
         m.update({
             "loss/pg": loss_total,
@@ -319,6 +406,28 @@ class Trainer:
         return m, {"log_ratio": [cat["log_ratio"]], "seq_log_ratio": [seq_lr], "d_infer": [cat["d_infer"]],
                    "seq_d_infer": [seq_d_infer]}
 
+    def _sync_sigma_grad(self) -> None:
+        """The log-sigmas live outside the wrapped model, so DDP/FSDP2 do not reduce their gradient: average it over
+        ranks here (as DDP does for parameters), so every rank takes the same step and they stay replicated."""
+        if self.perturbation is None or not isinstance(self.perturbation.log_sigma, nn.Parameter):
+            return
+        ls = self.perturbation.log_sigma
+        if ls.grad is None:  # cannot happen with noise on every forward; keep the collective paired regardless
+            ls.grad = torch.zeros_like(ls)
+        D.all_reduce_(ls.grad, "avg")
+
+    @staticmethod
+    def _gather_step_stats(cat: dict[str, torch.Tensor], seq_lr: torch.Tensor, seq_d_infer: torch.Tensor,
+                           counts: Counter, loss_total: float):
+        """Every rank's per-token/per-sequence values and counts, combined (one collective): quantiles, KL and clip
+        fractions then describe the whole mini-batch, exactly as in a single process."""
+        parts = D.all_gather_objects((cat, seq_lr, seq_d_infer, counts, loss_total))
+        cat = {k: torch.cat([p[0][k] for p in parts]) for k in cat}
+        seq_lr = torch.cat([p[1] for p in parts])
+        seq_d_infer = torch.cat([p[2] for p in parts])
+        counts = sum((p[3] for p in parts), Counter())
+        return cat, seq_lr, seq_d_infer, counts, sum(p[4] for p in parts)
+
     def _sigma_metrics(self, grad: torch.Tensor | None) -> dict[str, float]:
         if self.perturbation is None:
             return {}
@@ -335,7 +444,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ one rollout batch
     def update(self, trajectories: list[Trajectory]) -> dict[str, float]:
-        """Train on one rollout batch; returns the batch metrics (step metrics go to the writer as kind='step')."""
+        """Train on one rollout batch; returns the batch metrics (step metrics go to the writer as kind='step').
+
+        Under torchrun: call it on rank 0 while the other ranks are in `follow()`; rank 0's batch is broadcast."""
+        self.announce("update", trajectories)
         a, u = self.cfg.algo, self.cfg.update
         t_start = time.perf_counter()
         usable = [t for t in trajectories if t.num_model_tokens > 0 and t.has_finite_logprobs()]
@@ -403,7 +515,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ weights out
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
-        """The HF weights only (the log-sigmas live outside the model, so they cannot leak in)."""
+        """The HF weights only (the log-sigmas live outside the model, so they cannot leak in).
+
+        FSDP2: the full, unsharded weights gathered to rank 0 on the CPU (other ranks join the gather and get {})."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            self.announce("policy_state_dict")
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         sd = {k: v.detach() for k, v in self.model.state_dict().items()}
         assert not any("log_sigma" in k for k in sd), "log-sigmas leaked into the model state dict"
         return sd
@@ -414,10 +533,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ state for checkpoints
     def state_dict(self) -> dict:
+        """Everything that decides the next step, as one picklable dict (single process and DDP: rank 0's copy is
+        every rank's). FSDP2 shards cannot go into one file: see `sharded_state` / alp_agent.checkpoint."""
+        if self.sharded:
+            raise RuntimeError("an FSDP2 trainer is saved sharded: use alp_agent.checkpoint.save_checkpoint")
         return {
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "perturbation": self.perturbation.state_dict() if self.perturbation is not None else None,
             "optimizer": self.optimizer.state_dict(),
+            **self.meta_state(),
+        }
+
+    def meta_state(self) -> dict:
+        """The small, replicated part of the state (scheduler, counters, shuffle generator, config)."""
+        return {
             "scheduler": self.scheduler.state_dict(),
             "counters": {"step": self.step, "batch": self.batch, "policy_version": self.policy_version,
                          "data_cursor": self.data_cursor, "skipped_steps": self.skipped_steps},
@@ -425,16 +554,76 @@ class Trainer:
             "config": self.cfg.model_dump(),
         }
 
+    def _state_module(self) -> nn.Module:
+        """Policy and perturbation under one module, so the torch.distributed.checkpoint helpers can name every
+        optimizer parameter (the log-sigmas are not in the policy): keys 'policy.*' and 'perturbation.log_sigma'."""
+        mod = nn.Module()
+        mod.policy = self.model
+        if self.perturbation is not None:
+            mod.perturbation = self.perturbation
+        return mod
+
+    def sharded_state(self) -> dict:
+        """Model (incl. log-sigmas) and optimizer state in torch.distributed.checkpoint form: DTensor shards under
+        FSDP2, plain tensors otherwise; also the template that `dcp.load` fills in place (collective under FSDP2)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self._state_module(), self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_sharded_state(self, state: dict, meta: Mapping) -> None:
+        """Inverse of `sharded_state` (after `dcp.load` filled it) plus `meta_state`."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self._state_module(), self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        self._load_meta(meta)
+
     def load_state_dict(self, sd: Mapping) -> None:
+        if self.sharded:
+            raise RuntimeError("an FSDP2 trainer resumes from sharded checkpoints only (alp_agent.checkpoint); this "
+                               "one was written by a single process or DDP: resume it with trainer.dist.strategy=ddp")
         self.model.load_state_dict(sd["model"])
         if self.perturbation is not None and sd.get("perturbation") is not None:
             self.perturbation.load_state_dict(sd["perturbation"])
         self.optimizer.load_state_dict(sd["optimizer"])
+        self._load_meta(sd)
+
+    def _load_meta(self, sd: Mapping) -> None:
         self.scheduler.load_state_dict(sd["scheduler"])
         c = sd["counters"]
         self.step, self.batch, self.policy_version = c["step"], c["batch"], c["policy_version"]
         self.data_cursor, self.skipped_steps = c["data_cursor"], c["skipped_steps"]
         self.shuffle_gen.set_state(sd["shuffle_gen"])
+
+    # ------------------------------------------------------------------ torchrun: rank 0 leads, the others follow
+    def announce(self, command: str, payload=None) -> None:
+        """On rank 0 under torchrun: tell the ranks in `follow()` to join the collective `command` (with rank 0's
+        payload). A no-op elsewhere, so the same methods run on every rank."""
+        if self.distributed and D.rank() == 0:
+            D.broadcast_object((command, payload), command=True)
+
+    def follow(self) -> None:
+        """Ranks > 0: run what rank 0 announces (update on its batch, weight gather, checkpoint save) until it
+        calls `release_followers()`. Rank 0 alone builds the sampler and runs the outer loop."""
+        from alp_agent.checkpoint import save_checkpoint
+
+        while True:
+            command, payload = D.broadcast_object(None, command=True)
+            if command == "stop":
+                return
+            if command == "update":
+                self.update(payload)
+            elif command == "policy_state_dict":
+                self.policy_state_dict()
+            elif command == "save_checkpoint":
+                save_checkpoint(self, *payload)
+            else:
+                raise RuntimeError(f"unknown command from rank 0: {command!r}")
+
+    def release_followers(self) -> None:
+        """Rank 0, at the end (also after an error): let the ranks in `follow()` return."""
+        self.announce("stop")
 
 
 def episode_metrics(trajs: list[Trajectory], policy_version: int) -> dict[str, float]:
