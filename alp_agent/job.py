@@ -196,7 +196,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     with ui:
         ui.phase("starting: sandbox, vLLM, model")
-        with D.launcher_env_hidden() if dist_on else contextlib.nullcontext():
+        with D.launcher_env_hidden():  # a no-op without torchrun; under it, also with a single rank
             comps = build_inference(cfg)
         writer = MetricsWriter(run_dir, tensorboard=cfg.run.tensorboard, wandb_project=cfg.run.wandb_project,
                                run_config=cfg.model_dump(mode="json"))
