@@ -163,26 +163,26 @@ class FakeRunner:
         return make_batch(tiny(), groups=len(tasks), n=n, seed=version)
 
 
-def job() -> None:
+def job(strategy: str) -> None:
     """`alp-agent train`'s job under torchrun (inference side faked on rank 0): 2 batches, then resume to 3."""
     from alp_agent import job as J
     from alp_agent.config import RunConfig
 
     model_dir = OUT / "model"
-    if D.rank() == 0:
+    if D.rank() == 0 and not model_dir.exists():
         tiny().save_pretrained(model_dir)
     D.barrier()
     engine = FakeEngine()
     J.build_inference = lambda cfg: J.Components(cfg, None, engine, None, FakeRunner(), None,
                                                  model_dir=str(model_dir), num_tasks=4)
-    trainer = config(dist={"strategy": "fsdp2"}).model_dump()
+    trainer = config(dist={"strategy": strategy}).model_dump()
     base = {"engine": {"model": str(model_dir)}, "trainer": trainer, "eval": {"num_tasks": 0},
-            "run": {"out_dir": str(OUT), "name": "job", "prompts_per_batch": 2, "samples_per_prompt": 2,
+            "run": {"out_dir": str(OUT), "name": f"job_{strategy}", "prompts_per_batch": 2, "samples_per_prompt": 2,
                     "sample_episodes": 0, "tensorboard": False, "checkpoint_every": 1}}
     first = J.train(RunConfig.model_validate({**base, "run": {**base["run"], "iterations": 2}}), progress=False)
     again = J.train(RunConfig.model_validate({**base, "run": {**base["run"], "iterations": 3}}), resume=True,
                     progress=False)
-    save("job", {"first": first, "again": again, "engine_loads": engine.loads,
+    save(f"job_{strategy}", {"first": first, "again": again, "engine_loads": engine.loads,
                  "engine_keys": sorted(engine.loaded), "model_keys": sorted(tiny().state_dict())})
 
 
@@ -201,7 +201,8 @@ def main() -> None:
     alp_noise()
     activation_checkpointing()
     resume()
-    job()
+    job("fsdp2")
+    job("ddp")
     D.barrier()
     D.shutdown()
 

@@ -148,19 +148,25 @@ def test_split_rows_balances_tokens_and_covers_every_row():
     assert split_rows(rows[:1], 2, 1) == []  # fewer rows than ranks: this rank pads with a filler micro-batch
 
 
-def test_train_job_under_torchrun_leads_follows_and_resumes(runs):
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_train_job_under_torchrun_leads_follows_and_resumes(runs, strategy):
     """`alp-agent train`'s job (inference faked): rank 0 samples, logs, checkpoints and syncs the engine with the
-    full weights; rank 1 only trains; a resumed second start continues from the sharded checkpoint."""
-    r0, r1 = load(runs, "job", 0), load(runs, "job", 1)
+    full weights; rank 1 only trains; a resumed second start continues from the checkpoint (sharded under FSDP2,
+    the single-process file under DDP)."""
+    r0, r1 = load(runs, f"job_{strategy}", 0), load(runs, f"job_{strategy}", 1)
     assert (r0["first"]["batches"], r0["again"]["batches"]) == (2, 3)
     assert r1["again"]["rank"] == 1 and r1["engine_loads"] == 0
     assert r0["engine_loads"] == 4 and r0["engine_keys"] == r0["model_keys"]  # 3 batches + the sync after resume
-    run = runs / "job"
+    run = runs / f"job_{strategy}"
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if r["kind"] == "batch"] == [1, 2, 3]  # one writer: rank 0
     assert [r["step"] for r in recs if r["kind"] == "step"] == [1, 2, 3, 4, 5, 6]
     ckpt = latest_checkpoint(run / "checkpoints")
-    assert ckpt.name == "step_000003" and (ckpt / "dcp").is_dir() and (ckpt / "rng_rank1.pt").is_file()
+    assert ckpt.name == "step_000003"
+    if strategy == "fsdp2":
+        assert (ckpt / "dcp").is_dir() and (ckpt / "rng_rank1.pt").is_file()
+    else:
+        assert (ckpt / "trainer.pt").is_file() and not (ckpt / "dcp").exists()
 
 
 def test_load_policy_weights_reads_single_file_checkpoints_too(tmp_path):
