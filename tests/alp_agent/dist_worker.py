@@ -61,7 +61,11 @@ def equivalence(name: str, strategy: str, algo: dict, batch_kw: dict | None = No
     grads = grad_recorder(tr)
     res = lead(tr, lambda: {"metrics": tr.update(make_batch(tiny(), **(batch_kw or {}))),
                             "weights": tr.policy_state_dict()})
-    save(name, {**res, "grads": grads, "step": tr.step, "batch": tr.batch})
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in tr.model.parameters()]
+    adam = [s["exp_avg"] for s in tr.optimizer.state.values()]
+    held = {"params": sum(p.numel() for p in local),
+            "adam": sum((t.to_local() if hasattr(t, "to_local") else t).numel() for t in adam)}
+    save(name, {**res, "grads": grads, "step": tr.step, "batch": tr.batch, "held": held})
 
 
 def alp_noise() -> None:

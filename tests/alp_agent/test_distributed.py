@@ -80,6 +80,14 @@ def test_update_equals_single_process(runs, strategy):
     assert_same_update(load(runs, f"{strategy}_bypass"), single_process({"name": "bypass"}))
     # the follower got rank 0's batch and took the same steps
     assert load(runs, f"{strategy}_bypass", 1)["step"] == 2
+    # what each rank holds: DDP the whole model and optimizer state, FSDP2 about half of each
+    total = sum(p.numel() for p in tiny().parameters())
+    held = [load(runs, f"{strategy}_bypass", r)["held"] for r in (0, 1)]
+    if strategy == "ddp":
+        assert held[0] == held[1] == {"params": total, "adam": total}
+    else:
+        assert sum(h["params"] for h in held) == sum(h["adam"] for h in held) == total
+        assert all(abs(h["params"] - total / 2) < 0.05 * total for h in held), held
 
 
 def test_fsdp2_old_and_reference_logprobs_are_gathered(runs):
