@@ -94,8 +94,9 @@ def launcher_env_hidden() -> Iterator[None]:
     """Hide torchrun's variables from child processes started inside the block (the vLLM engine on rank 0).
 
     Why: a child that inherits them takes itself for a torchrun worker; in particular, with
-    TORCHELASTIC_USE_AGENT_STORE set, torch's tcp:// rendezvous (the one vLLM uses for its own one-process group)
-    connects to torchrun's agent store instead of creating its own, and never completes."""
+    TORCHELASTIC_USE_AGENT_STORE=True, torch's tcp:// rendezvous (the one vLLM uses for its own one-process group)
+    only connects as a client to the store at vLLM's port instead of serving it (torch/distributed/rendezvous.py
+    `_create_c10d_store`), so nobody serves it and vLLM waits until its timeout."""
     saved = {k: v for k, v in os.environ.items() if k in _LAUNCHER_VARS or k.startswith("TORCHELASTIC_")}
     for k in saved:
         del os.environ[k]
