@@ -27,7 +27,7 @@ def test_shipped_plans_expand_into_distinct_valid_runs(tmp_path):
     status = execute(plan, cfg, tmp_path / "out", dry_run=True, log=lambda *_: None)
     assert [s["state"] for s in status] == ["dry-run"] * 16 and not (tmp_path / "out" / "runs").exists()
     sweep, _ = load_plan(PLANS / "sweep.yaml")
-    assert "seq_alp" in sweep.arms and len(plan_runs(sweep)) == 5
+    assert "seq_alp" in sweep.arms and len(plan_runs(sweep)) == 4
     seeds, _ = load_plan(PLANS / "seeds.yaml")
     assert {r.seed for r in plan_runs(seeds)} == {0, 1, 2}
 
