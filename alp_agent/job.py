@@ -78,7 +78,7 @@ class Components:
 
 def build_inference(cfg: RunConfig) -> Components:
     """Sandbox, engine, tokenizer, rollout runners (train and eval). No trainer: `alp-agent eval/rollout` use this."""
-    from alp_agent.engine.factory import make_engine
+    from alp_agent.engine.factory import PlacementError, make_engine
     from alp_agent.models import ModelResolutionError, load_tokenizer, resolve_model
     from alp_agent.rollout.runner import RolloutRunner
     from sandbox import make_sandbox
@@ -94,7 +94,10 @@ def build_inference(cfg: RunConfig) -> Components:
         env_fn, comps.num_tasks = make_env_fn(cfg, sandbox)
         eval_fn, comps.num_eval_tasks = make_env_fn(cfg, sandbox, eval_env=True)
         comps.tokenizer = load_tokenizer(model_dir)
-        comps.engine = make_engine(engine_cfg)  # one in-process vLLM, a process engine, or a pool of them
+        try:
+            comps.engine = make_engine(engine_cfg)  # one in-process vLLM, a process engine, or a pool of them
+        except PlacementError as e:
+            raise ConfigError(str(e)) from None
         comps.closers.append(comps.engine.close)
         rcfg = cfg.rollout.model_copy(update={"seed": cfg.run.seed})
         ecfg = rcfg.model_copy(

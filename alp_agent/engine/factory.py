@@ -14,6 +14,10 @@ from alp_agent.engine.base import Engine
 from alp_agent.engine.config import EngineConfig
 
 
+class PlacementError(ValueError):
+    """The engines ask for more GPUs than this process sees (a user error: the job reports it in one line)."""
+
+
 def _visible_gpus() -> list[str]:
     """Physical ids of the GPUs this process sees (CUDA_VISIBLE_DEVICES maps index i to entry i)."""
     vis = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -42,7 +46,8 @@ def engine_envs(config: EngineConfig, cuda: bool | None = None, gpus: list[str] 
         gpus = _visible_gpus() if gpus is None else gpus
         idx = config.devices if config.devices is not None else list(range(n * tp))
         if max(idx) >= len(gpus) or len(idx) < n * tp:
-            raise ValueError(f"engine.devices {idx} needs {n * tp} of the {len(gpus)} visible GPUs")
+            raise PlacementError(f"engine.devices {idx} needs {n * tp} of the {len(gpus)} visible GPUs "
+                                 f"(num_engines {n} x tensor_parallel_size {tp})")
         return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[j] for j in idx[i * tp:(i + 1) * tp])} for i in range(n)]
     cores = _affinity() if cores is None else cores
     if config.cpu_threads_bind is not None or n == 1 or len(cores) < n:
