@@ -115,3 +115,26 @@ def test_async_training_still_learns():
     first = sum(h["reward/mean"] for h in hist[:2]) / 2
     last = sum(h["reward/mean"] for h in hist[-2:]) / 2
     assert first < 0.65 and last > 0.85, (first, last)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_cli_train_with_a_process_engine_and_async_rollout(tiny_model_dir, tmp_path):
+    """The job's wiring: `alp-agent train` with vLLM in a child process and async rollout on the quickstart env
+    (sandboxed tool calls): finishes, logs staleness 0 then 1, evaluates after training with the final weights."""
+    import json
+    from pathlib import Path
+
+    from alp_agent.cli import main
+
+    repo = Path(__file__).resolve().parents[2]
+    args = [f"engine.model={tiny_model_dir}", f"run.out_dir={tmp_path}", "run.name=async", "run.prompts_per_batch=2",
+            "run.samples_per_prompt=2", "eval.num_tasks=2", "rollout.max_tokens_per_turn=16",
+            "engine.max_model_len=1024", "run.tensorboard=false", "trainer.update.updates_per_batch=2",
+            "engine.placement=process", "run.async_rollout=true", "run.iterations=2", "run.checkpoint_every=0"]
+    assert main(["train", "-c", str(repo / "configs/quickstart.yaml"), "--quiet", *args]) == 0
+    records = [json.loads(line) for line in (tmp_path / "async" / "metrics.jsonl").read_text().splitlines()]
+    batches = [r for r in records if r["kind"] == "batch"]
+    assert [b["staleness/max"] for b in batches] == [0.0, 1.0]
+    summary = json.loads((tmp_path / "async" / "summary.json").read_text())
+    assert summary["batches"] == 2 and summary["accuracy_after"] is not None
