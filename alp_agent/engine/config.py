@@ -20,8 +20,11 @@ class EngineConfig(BaseModel):
     )
     max_model_len: int = Field(4096, gt=0, description="Context length (prompt + all turns) the engine accepts.")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="CUDA only: fraction of GPU memory for vLLM.")
-    cpu_kvcache_space_gib: float = Field(
-        1.0, gt=0, description="CPU only (VLLM_CPU_KVCACHE_SPACE): KV cache size; vLLM's own default grabs 12 GiB."
+    cpu_kvcache_space_gib: int = Field(
+        1,
+        ge=1,
+        description="CPU only (VLLM_CPU_KVCACHE_SPACE): KV cache size in whole GiB (vLLM reads an integer: 0.5 "
+        "fails at start-up); vLLM's own default grabs 12 GiB.",
     )
     cpu_threads_bind: str | None = Field(
         None, description="CPU only (VLLM_CPU_OMP_THREADS_BIND), e.g. '0-1'; None binds all cores of this process."
