@@ -208,9 +208,8 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
             ckpt = latest_checkpoint(ckpt_dir) if resume else None
             if dist_on:  # the other ranks build their trainer (and load the checkpoint) with ours
                 D.broadcast_object(("start", (comps.model_dir, str(ckpt) if ckpt is not None else None)), command=True)
-                model = load_model(comps.model_dir, dtype=torch.float32, device=D.local_device())
-            else:
-                model = load_model(comps.model_dir, dtype=torch.float32)
+            # the trainer's device: cuda:LOCAL_RANK on a GPU machine (one process: cuda:0), else the CPU
+            model = load_model(comps.model_dir, dtype=torch.float32, device=D.local_device())
             trainer = Trainer(model, cfg.trainer, writer=writer)
             comps.trainer = trainer
             if ckpt is not None:
