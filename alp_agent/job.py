@@ -332,8 +332,9 @@ def _loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir) -> dict[str, Any]:
     summary["interrupted"] = interrupted
     summary["batches"] = trainer.batch
     summary["last_metrics"] = last
-    if not interrupted and cfg.run.checkpoint_at_end:
-        save_checkpoint(trainer, ckpt_dir, keep_last=cfg.run.keep_checkpoints)
+    if not interrupted:
+        if cfg.run.checkpoint_at_end:
+            save_checkpoint(trainer, ckpt_dir, keep_last=cfg.run.keep_checkpoints)
         if cfg.eval.before_and_after:
             summary["accuracy_after"] = evaluate_and_log("after")
     return summary

@@ -114,13 +114,15 @@ def run_overrides(plan: ReproPlan, spec: RunSpec, out_dir: Path) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in items.items()]
 
 
-def run_state(run_dir: Path, iterations: int) -> str:
-    """'done' (all batches and the final eval written), 'resumable' (a checkpoint, e.g. after Ctrl-C) or 'todo'."""
+def run_state(run_dir: Path, iterations: int, final_eval: bool = True) -> str:
+    """'done' (all batches and, when configured, the final eval written), 'resumable' (a checkpoint, e.g. after
+    Ctrl-C) or 'todo'."""
     s = run_dir / "summary.json"
     if s.is_file():
         try:
             d = json.loads(s.read_text())
-            if not d.get("interrupted") and d.get("batches") == iterations:
+            if (not d.get("interrupted") and d.get("batches") == iterations
+                    and (not final_eval or d.get("accuracy_after") is not None)):
                 return "done"
         except json.JSONDecodeError:
             pass
@@ -147,7 +149,9 @@ def execute(plan: ReproPlan, cfg_path: Path, out_dir: Path, only: list[str] | No
     status = []
     for i, r in enumerate(runs, 1):
         run_dir = out_dir / "runs" / r.name
-        state = run_state(run_dir, cfgs[r].run.iterations)
+        c = cfgs[r]
+        final_eval = c.eval.before_and_after and c.eval.num_tasks > 0
+        state = run_state(run_dir, c.run.iterations, final_eval)
         cmd = [sys.executable, "-m", "alp_agent.cli", "train", "-c", str(cfg_path), "--quiet",
                *run_overrides(plan, r, out_dir)]
         if state == "done":
@@ -169,7 +173,7 @@ def execute(plan: ReproPlan, cfg_path: Path, out_dir: Path, only: list[str] | No
             rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT,
                                  env={**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")})
         dt = time.perf_counter() - t0
-        ok = rc == 0 and run_state(run_dir, cfgs[r].run.iterations) == "done"
+        ok = rc == 0 and run_state(run_dir, c.run.iterations, final_eval) == "done"
         log_file = run_dir / "log.txt"
         log(f"  {r.name}: {'ok' if ok else f'FAILED (exit {rc}; see {log_file})'} in {dt / 60:.1f} min")
         status.append({"run": r.name, "state": "done" if ok else f"failed (exit {rc})", "seconds": round(dt, 1)})

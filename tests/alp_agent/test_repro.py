@@ -57,7 +57,8 @@ def _fake_run(run_dir: Path, kl: list[float], acc: list[float], steps_per_batch:
                                  "skipped_steps_total": 1.0})
             w.write("eval", b, {"accuracy": acc[b]})
     w.close()
-    (run_dir / "summary.json").write_text(json.dumps({"batches": len(kl) // steps_per_batch, "interrupted": False}))
+    (run_dir / "summary.json").write_text(json.dumps({"batches": len(kl) // steps_per_batch, "interrupted": False,
+                                                      "accuracy_after": acc[-1]}))
 
 
 def test_summary_numbers_and_table(tmp_path):
@@ -96,6 +97,7 @@ def test_repro_end_to_end_on_tiny_model_keeps_finished_runs(tiny_model_dir, tmp_
     for name in ("stale2_seq_alp_s0", "stale2_grpo_s0"):
         assert json.loads((out / "runs" / name / "summary.json").read_text())["batches"] == 1
         assert not (out / "runs" / name / "checkpoints").exists()  # checkpoint_at_end: false in the repro config
+        assert json.loads((out / "runs" / name / "summary.json").read_text())["accuracy_after"] is not None
     table = (out / "plan.md").read_text()
     assert "| seq_alp | 1/1 |" in table and "| grpo | 1/1 |" in table
     before = (out / "runs" / "stale2_grpo_s0" / "metrics.jsonl").stat().st_mtime
