@@ -153,9 +153,10 @@ def _run(cfg, out: Path, model_dir: Path, size: str, plan: dict, device: torch.d
     from alp_agent.engine.base import SamplingConfig
     from alp_agent.job import build_inference
     from alp_agent.logging import MetricsWriter
+    from alp_agent.loop import run_training
     from alp_agent.models import build_tiny_model, load_model
     from alp_agent.rollout.chat import ChatTemplate
-    from alp_agent.trainer import Trainer, run_training
+    from alp_agent.trainer import Trainer
 
     t: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -274,7 +274,7 @@ def _loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir) -> dict[str, Any]:
     """The CLI's job around `run_training` (the one outer loop): held-out eval before/after, sample episodes, the
     progress display, and a whole-batch checkpoint on Ctrl-C."""
     from alp_agent.checkpoint import save_checkpoint
-    from alp_agent.trainer import LoopHooks, run_training
+    from alp_agent.loop import LoopHooks, run_training
 
     summary: dict[str, Any] = {}
 

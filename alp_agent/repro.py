@@ -271,9 +271,9 @@ def write_results(plan: ReproPlan, out_dir: Path, command: str | None = None, na
     lines = ["# Small-scale reproduction: results", ""]
     if command:
         lines += ["Command:", "", f"    {command}", ""]
-    lines += [f"KL = clean (noise-free) train-inference k3 KL per optimizer step; a spike is a step with KL > "
+    lines += [(f"KL = clean (noise-free) train-inference k3 KL per optimizer step; a spike is a step with KL > "
               f"{plan.kl_spike_threshold:g}. Ratios are the trained policy (with ALP's noise where the arm has it) "
-              "over the engine's sampling logprobs mu, for every arm. With several seeds a cell is mean [min, max].",
+              "over the engine's sampling logprobs mu, for every arm. With several seeds a cell is mean [min, max]."),
               ""]
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)

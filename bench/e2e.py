@@ -154,8 +154,9 @@ def main() -> None:
     from alp_agent.config import RunConfig
     from alp_agent.config_io import load_config
     from alp_agent.job import build_inference
+    from alp_agent.loop import task_cursor
     from alp_agent.models import load_model
-    from alp_agent.trainer import Trainer, task_cursor
+    from alp_agent.trainer import Trainer
 
     overrides = [f"run.prompts_per_batch={args.prompts}", f"run.samples_per_prompt={args.samples}"]
     if args.algo:

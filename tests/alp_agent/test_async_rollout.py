@@ -14,8 +14,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from alp_agent.algo.config import TrainerConfig
+from alp_agent.loop import run_training
 from alp_agent.rollout.trajectory import Trajectory
-from alp_agent.trainer import Trainer, run_training
+from alp_agent.trainer import Trainer
 
 VOCAB, PROMPT, LENGTH = 64, 3, 6
 

@@ -49,9 +49,7 @@ def test_config_errors_are_one_line(tmp_path, capsys):
 
 def test_every_shipped_config_validates():
     from alp_agent.config import RunConfig
-    from alp_agent.config_io import load_config
-
-    from alp_agent.config_io import read_yaml_with_base
+    from alp_agent.config_io import load_config, read_yaml_with_base
     from alp_agent.repro import load_plan
 
     files = sorted((REPO / "configs").rglob("*.yaml"))

@@ -206,10 +206,11 @@ def test_async_training_on_the_pool_records_the_true_version(pool, tiny_model_di
     version it records (and not of the next one), staleness is [0, 1, 1], and the pool ends with the final weights."""
     from alp_agent.algo.config import TrainerConfig
     from alp_agent.logprobs import sequence_logprobs
+    from alp_agent.loop import LoopHooks, run_training
     from alp_agent.models import load_model
     from alp_agent.rollout.config import RolloutConfig
     from alp_agent.rollout.runner import RolloutRunner
-    from alp_agent.trainer import LoopHooks, Trainer, run_training
+    from alp_agent.trainer import Trainer
 
     model = load_model(tiny_model_dir)
     cfg = TrainerConfig.model_validate({"optim": {"lr": 5e-2}, "update": {"updates_per_batch": 1}})

@@ -11,8 +11,9 @@ from alp_agent.algo.config import TrainerConfig
 from alp_agent.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from alp_agent.logging import MetricsWriter
 from alp_agent.logprobs import sequence_logprobs
+from alp_agent.loop import run_training
 from alp_agent.rollout.trajectory import Trajectory
-from alp_agent.trainer import Trainer, micro_batches, run_training
+from alp_agent.trainer import Trainer, micro_batches
 
 VOCAB = 64
 
