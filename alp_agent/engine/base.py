@@ -6,6 +6,7 @@ The rollout never sees text from an engine, only ids, so what the trainer trains
 from __future__ import annotations
 
 import abc
+import concurrent.futures as cf
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
@@ -62,3 +63,21 @@ class Engine(abc.ABC):
 
     def close(self) -> None:  # pragma: no cover - default no-op
         pass
+
+
+class FutureEngine(Engine):
+    """An engine whose primitive is `submit`: one request in, a future of its Generation out (vLLM in this process
+    or in a child). Batch and async generation follow from it, so every request in flight is batched together."""
+
+    @abc.abstractmethod
+    def submit(self, prompt: list[int], sampling: SamplingConfig) -> cf.Future:
+        """Queue one request; the future resolves to its Generation (or raises the request's error)."""
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
+        futures = [self.submit(p, sampling) for p in prompts]
+        return [f.result() for f in futures]
+
+    async def agenerate(self, prompt: list[int], sampling: SamplingConfig) -> Generation:
+        import asyncio
+
+        return await asyncio.wrap_future(self.submit(prompt, sampling))

@@ -19,7 +19,6 @@ Start-up is spawn (never fork: the parent holds torch/OpenMP threads and maybe a
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import concurrent.futures as cf
 import itertools
@@ -34,7 +33,7 @@ from collections.abc import Mapping
 
 import torch
 
-from alp_agent.engine.base import Engine, Generation, SamplingConfig
+from alp_agent.engine.base import FutureEngine, SamplingConfig
 from alp_agent.engine.config import EngineConfig
 from alp_agent.engine.shared_weights import SharedWeights
 
@@ -124,7 +123,7 @@ def _close_all() -> None:
         eng.close()
 
 
-class ProcessEngine(Engine):
+class ProcessEngine(FutureEngine):
     """`ProcessEngine(EngineConfig(...), env={...})`: same behaviour as `VLLMEngine(config)`, in a child process.
 
     env: variables set in the child before vLLM starts (e.g. CUDA_VISIBLE_DEVICES, VLLM_CPU_OMP_THREADS_BIND);
@@ -213,13 +212,6 @@ class ProcessEngine(Engine):
         rid, fut = self._new_future()
         self._send(("generate", rid, list(prompt), sampling))
         return fut
-
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
-        futures = [self.submit(p, sampling) for p in prompts]
-        return [f.result() for f in futures]
-
-    async def agenerate(self, prompt: list[int], sampling: SamplingConfig) -> Generation:
-        return await asyncio.wrap_future(self.submit(prompt, sampling))
 
     def _read(self) -> None:
         """Resolve futures from the child's replies; when the child goes away, fail whatever still waits."""

@@ -16,7 +16,6 @@ or top-k > 0 these are logprobs of the truncated, renormalised distribution.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures as cf
 import gc
 import itertools
@@ -28,7 +27,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from alp_agent.engine.base import Engine, Generation, SamplingConfig
+from alp_agent.engine.base import FutureEngine, Generation, SamplingConfig
 from alp_agent.engine.checks import check_logprobs
 from alp_agent.engine.config import EngineConfig
 from alp_agent.models import resolve_model
@@ -62,7 +61,7 @@ class _Job:
         self.future: cf.Future = cf.Future()
 
 
-class VLLMEngine(Engine):
+class VLLMEngine(FutureEngine):
     """vLLM behind the Engine interface. `VLLMEngine(EngineConfig(model=..., dtype="float32"))` or keyword overrides:
     `VLLMEngine(model=path, dtype="float32")`."""
 
@@ -129,13 +128,6 @@ class VLLMEngine(Engine):
         fut: cf.Future = cf.Future()
         self._inbox.put((str(next(self._ids)), list(prompt), self._params(sampling), fut))
         return fut
-
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
-        futures = [self.submit(p, sampling) for p in prompts]
-        return [f.result() for f in futures]
-
-    async def agenerate(self, prompt: list[int], sampling: SamplingConfig) -> Generation:
-        return await asyncio.wrap_future(self.submit(prompt, sampling))
 
     def _to_generation(self, out) -> Generation:
         o = out.outputs[0]
