@@ -284,8 +284,9 @@ def write_results(plan: ReproPlan, out_dir: Path, command: str | None = None, na
             lines.append("|---|---|" + "---:|" * len(COLUMNS))
             for a in g.arms:
                 rows = [per_run.get(RunSpec(a, s, seed).name) for seed in g.seeds]
-                got = [x for x in rows if x]
-                seeds = f"{len(got)}/{len(g.seeds)}"
+                got = [x for x in rows if x and x["state"] == "done"]  # a running or crashed run is not a result
+                partial = sum(1 for x in rows if x and x["state"] != "done")
+                seeds = f"{len(got)}/{len(g.seeds)}" + (f" (+{partial} incomplete)" if partial else "")
                 lines.append(f"| {a} | {seeds} | " + " | ".join(_cell([x.get(k) for x in got], f) for k, _, f in COLUMNS)
                              + " |")
             lines.append("")
@@ -298,6 +299,7 @@ def write_results(plan: ReproPlan, out_dir: Path, command: str | None = None, na
 
 
 def _state_label(run_dir: Path) -> str:
+    """'done' once `train` wrote summary.json (after its final eval), else 'incomplete' (running or crashed)."""
     s = run_dir / "summary.json"
     return "done" if s.is_file() else "incomplete"
 

@@ -64,19 +64,22 @@ def _fake_run(run_dir: Path, kl: list[float], acc: list[float], steps_per_batch:
 def test_summary_numbers_and_table(tmp_path):
     plan, _ = load_plan(PLANS / "default.yaml")
     runs = tmp_path / "runs"
-    _fake_run(runs / "stale4_seq_alp_s0", kl=[0.001, 0.02, 0.003, 0.05], acc=[0.2, 0.6, 0.4])
+    _fake_run(runs / "stale4_seq_alp_s0", kl=[0.001, 0.2, 0.003, 0.5], acc=[0.2, 0.6, 0.4])
     _fake_run(runs / "stale4_grpo_s0", kl=[0.001, 0.001, 0.001, 0.001], acc=[0.2, 0.3, 0.5])
-    s = summarize_run(runs / "stale4_seq_alp_s0", kl_threshold=0.01)
-    assert s["kl_peak"] == 0.05 and s["kl_spikes"] == 2 and s["kl_mean"] == pytest.approx(0.0185)
+    _fake_run(runs / "stale4_tis_s0", kl=[0.001, 0.001], acc=[0.2, 0.3])
+    (runs / "stale4_tis_s0" / "summary.json").unlink()  # still running: not a result yet
+    s = summarize_run(runs / "stale4_seq_alp_s0", kl_threshold=plan.kl_spike_threshold)
+    assert s["kl_peak"] == 0.5 and s["kl_spikes"] == 2 and s["kl_mean"] == pytest.approx(0.176)
     assert (s["acc_before"], s["acc_final"], s["acc_best"]) == (0.2, 0.4, 0.6)
-    assert s["tok_ratio_max"] == pytest.approx(2.05) and s["tok_ratio_p99_9"] == pytest.approx(1.05)
+    assert s["tok_ratio_max"] == pytest.approx(2.5) and s["tok_ratio_p99_9"] == pytest.approx(1.5)
     assert s["seq_width_end"] == pytest.approx(2.5) and s["skipped"] == 1.0
     assert s["entropy_end"] == pytest.approx(4.0)  # mean over the last batch's two steps (3.5, 4.5)
     table = write_results(plan, tmp_path, command="alp-agent repro", name="default")
     text = table.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| seq_alp |"))
     assert "| 0.400 | 0.600 |" in row and "| 2 |" in row
-    assert "| tis | 0/1 | -" in text  # missing runs are shown as missing, not dropped
+    assert "| mis | 0/1 | -" in text  # missing runs are shown as missing, not dropped
+    assert "| tis | 0/1 (+1 incomplete) | -" in text
     assert (tmp_path / "plots" / "main_stale4.png").stat().st_size > 0
     assert json.loads((tmp_path / "default.json").read_text())["stale4_grpo_s0"]["kl_spikes"] == 0
 
