@@ -34,3 +34,13 @@ def tiny_tokenizer(tiny_model_dir):
     from alp_agent.models import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_vllm_engine(tiny_model_dir):
+    """The real in-process vLLM on the tiny model (fp32, seed 0), one per test module that asks for it."""
+    from alp_agent.engine.vllm_engine import VLLMEngine
+
+    eng = VLLMEngine(model=tiny_model_dir, dtype="float32", max_model_len=512, seed=0)
+    yield eng
+    eng.close()

@@ -61,15 +61,6 @@ def test_shared_weights_cast_fill_and_layout():
 
 # ------------------------------------------------------------------ the real vLLM
 @pytest.fixture(scope="module")
-def inproc(tiny_model_dir):
-    from alp_agent.engine.vllm_engine import VLLMEngine
-
-    eng = VLLMEngine(model=tiny_model_dir, dtype="float32", max_model_len=512, seed=0)
-    yield eng
-    eng.close()
-
-
-@pytest.fixture(scope="module")
 def pool(tiny_model_dir):
     """Two process engines (one core each on a 2-core machine) behind an EnginePool, group routing."""
     from alp_agent.engine.factory import make_engine
@@ -95,13 +86,13 @@ def _same(gens_a, gens_b, tol=1e-4) -> None:
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_process_engine_samples_like_the_inprocess_engine(pool, inproc):
+def test_process_engine_samples_like_the_inprocess_engine(pool, tiny_vllm_engine):
     from alp_agent.engine.remote import ProcessEngine
 
     assert [type(e) for e in pool.engines] == [ProcessEngine, ProcessEngine]
     assert len({e.pid for e in pool.engines} | {os.getpid()}) == 3  # really two other processes
     for s in (SamplingConfig(temperature=0.0, max_tokens=12), SamplingConfig(temperature=1.0, max_tokens=12, seed=3)):
-        ref = inproc.generate(PROMPTS, s)
+        ref = tiny_vllm_engine.generate(PROMPTS, s)
         for member in pool.engines:
             _same(member.generate(PROMPTS, s), ref)
         _same(pool.generate(PROMPTS, s), ref)  # the pool deals prompts round-robin and keeps their order
@@ -112,22 +103,22 @@ def test_process_engine_samples_like_the_inprocess_engine(pool, inproc):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_pool_load_weights_reaches_every_engine_identically(pool, inproc, hf_state):
+def test_pool_load_weights_reaches_every_engine_identically(pool, tiny_vllm_engine, hf_state):
     s = SamplingConfig(temperature=0.0, max_tokens=12)
-    before = inproc.generate(PROMPTS, s)
+    before = tiny_vllm_engine.generate(PROMPTS, s)
     torch.manual_seed(0)
     moved = {k: v + 0.05 * torch.randn_like(v) for k, v in hf_state.items()}
     try:
         pool.load_weights(moved)
-        inproc.load_weights(moved)
-        ref = inproc.generate(PROMPTS, s)
+        tiny_vllm_engine.load_weights(moved)
+        ref = tiny_vllm_engine.generate(PROMPTS, s)
         assert [g.token_ids for g in ref] != [g.token_ids for g in before]  # the new weights change the outputs...
         for member in pool.engines:
             _same(member.generate(PROMPTS, s), ref)  # ...of every engine, identically
         assert pool._weights is not None and pool._weights.nbytes == sum(v.numel() * 4 for v in moved.values())
     finally:
         pool.load_weights(hf_state)
-        inproc.load_weights(hf_state)
+        tiny_vllm_engine.load_weights(hf_state)
     for member in pool.engines:
         _same(member.generate(PROMPTS, s), before)
 

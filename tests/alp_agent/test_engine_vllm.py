@@ -1,5 +1,5 @@
 """The real vLLM engine on the tiny random model (float32): parity with the trainer's logprobs, stop strings, weight
-reload, NaN detection. One engine for the whole module (start-up costs seconds)."""
+reload, NaN detection. One engine (conftest.tiny_vllm_engine) for the whole module (start-up costs seconds)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,6 @@ from alp_agent.engine.checks import NonFiniteLogprobsError
 from alp_agent.logprobs import sequence_logprobs
 
 pytestmark = pytest.mark.vllm
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    from alp_agent.engine.vllm_engine import VLLMEngine
-
-    eng = VLLMEngine(model=tiny_model_dir, dtype="float32", max_model_len=512, seed=0)
-    yield eng
-    eng.close()
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +33,8 @@ PROMPTS = [[1, 4093, 198, 1780, 314, 216, 34, 27, 35, 47, 2, 198, 1, 520, 9531, 
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprobs_match_hf_forward_fp32(engine, hf_model, temperature):
-    gens = engine.generate(PROMPTS, SamplingConfig(temperature=temperature, max_tokens=24, seed=1))
+def test_logprobs_match_hf_forward_fp32(tiny_vllm_engine, hf_model, temperature):
+    gens = tiny_vllm_engine.generate(PROMPTS, SamplingConfig(temperature=temperature, max_tokens=24, seed=1))
     worst = 0.0
     for prompt, g in zip(PROMPTS, gens):
         assert len(g.token_ids) == len(g.logprobs) == 24 and g.finish_reason == "length"
@@ -52,29 +43,29 @@ def test_logprobs_match_hf_forward_fp32(engine, hf_model, temperature):
     assert worst < 1e-4, worst
 
 
-def test_stop_string_is_kept_with_its_logprob(engine, tiny_tokenizer):
+def test_stop_string_is_kept_with_its_logprob(tiny_vllm_engine, tiny_tokenizer):
     prompt = PROMPTS[0]
-    greedy = engine.generate([prompt], SamplingConfig(temperature=0.0, max_tokens=16))[0]
+    greedy = tiny_vllm_engine.generate([prompt], SamplingConfig(temperature=0.0, max_tokens=16))[0]
     texts = [tiny_tokenizer.decode([t]) for t in greedy.token_ids]
     # a stop string that first appears inside token k
     k = next(i for i in range(3, 16) if texts[i].strip() and texts[i] not in "".join(texts[:i]))
     stop = texts[k]
-    g = engine.generate([prompt], SamplingConfig(temperature=0.0, max_tokens=16, stop=(stop,)))[0]
+    g = tiny_vllm_engine.generate([prompt], SamplingConfig(temperature=0.0, max_tokens=16, stop=(stop,)))[0]
     assert g.finish_reason == "stop" and g.stop_reason == stop
     assert g.token_ids == greedy.token_ids[: k + 1]  # the stop token is in the output...
     assert len(g.logprobs) == k + 1  # ...with its logprob
     assert tiny_tokenizer.decode(g.token_ids).endswith(stop)
 
 
-def test_weight_update_changes_distribution_and_restores(engine, hf_model):
+def test_weight_update_changes_distribution_and_restores(tiny_vllm_engine, hf_model):
     prompt, s = PROMPTS[1], SamplingConfig(temperature=1.0, max_tokens=16, seed=5)
-    base = engine.generate([prompt], s)[0]
+    base = tiny_vllm_engine.generate([prompt], s)[0]
     original = {k: v.clone() for k, v in hf_model.state_dict().items()}
     torch.manual_seed(0)
     perturbed = {k: v + 0.05 * torch.randn_like(v) for k, v in original.items()}
     try:
-        engine.load_weights(perturbed)
-        moved = engine.generate([prompt], s)[0]
+        tiny_vllm_engine.load_weights(perturbed)
+        moved = tiny_vllm_engine.generate([prompt], s)[0]
         assert moved.token_ids != base.token_ids or moved.logprobs != base.logprobs
         # the new weights are exactly the perturbed ones: vLLM agrees with an HF forward of the perturbed model
         hf_model.load_state_dict(perturbed)
@@ -82,37 +73,37 @@ def test_weight_update_changes_distribution_and_restores(engine, hf_model):
         assert max(abs(a - b) for a, b in zip(moved.logprobs, ref)) < 1e-4
     finally:
         hf_model.load_state_dict(original)
-        engine.load_weights(original)
-    back = engine.generate([prompt], s)[0]
+        tiny_vllm_engine.load_weights(original)
+    back = tiny_vllm_engine.generate([prompt], s)[0]
     assert back.token_ids == base.token_ids
     assert max(abs(a - b) for a, b in zip(back.logprobs, base.logprobs)) < 1e-6
 
 
-def test_nonfinite_logprobs_are_caught(engine, hf_model):
+def test_nonfinite_logprobs_are_caught(tiny_vllm_engine, hf_model):
     original = {k: v.clone() for k, v in hf_model.state_dict().items()}
     broken = dict(original)
     broken["model.norm.weight"] = torch.full_like(original["model.norm.weight"], float("nan"))
     try:
-        engine.load_weights(broken)
+        tiny_vllm_engine.load_weights(broken)
         with pytest.raises(NonFiniteLogprobsError):
-            engine.generate([PROMPTS[0]], SamplingConfig(max_tokens=4, seed=0))
+            tiny_vllm_engine.generate([PROMPTS[0]], SamplingConfig(max_tokens=4, seed=0))
     finally:
-        engine.load_weights(original)
-    g = engine.generate([PROMPTS[0]], SamplingConfig(max_tokens=4, seed=0))[0]
+        tiny_vllm_engine.load_weights(original)
+    g = tiny_vllm_engine.generate([PROMPTS[0]], SamplingConfig(max_tokens=4, seed=0))[0]
     assert len(g.logprobs) == 4
 
 
-def test_async_requests_batch_together(engine):
+def test_async_requests_batch_together(tiny_vllm_engine):
     async def main():
         return await asyncio.gather(
-            *[engine.agenerate(PROMPTS[i % 3], SamplingConfig(max_tokens=8 + i, seed=i)) for i in range(12)]
+            *[tiny_vllm_engine.agenerate(PROMPTS[i % 3], SamplingConfig(max_tokens=8 + i, seed=i)) for i in range(12)]
         )
 
     gens = asyncio.run(main())
     assert [len(g.token_ids) for g in gens] == [8 + i for i in range(12)]
 
 
-def test_top_k_top_p_logprobs_are_of_the_truncated_distribution(engine, hf_model):
+def test_top_k_top_p_logprobs_are_of_the_truncated_distribution(tiny_vllm_engine, hf_model):
     """Documented semantics: with top-k/top-p the recorded logprob is log of the renormalised truncated
     distribution (vLLM processed_logprobs), not of the full softmax."""
     prompt = PROMPTS[1]
@@ -120,7 +111,7 @@ def test_top_k_top_p_logprobs_are_of_the_truncated_distribution(engine, hf_model
         SamplingConfig(temperature=0.8, top_k=20, max_tokens=6, seed=2),
         SamplingConfig(temperature=1.0, top_p=0.5, max_tokens=6, seed=3),
     ):
-        g = engine.generate([prompt], s)[0]
+        g = tiny_vllm_engine.generate([prompt], s)[0]
         with torch.no_grad():
             logits = hf_model(torch.tensor([prompt + g.token_ids])).logits[0].float() / s.temperature
         for i, tok in enumerate(g.token_ids):
