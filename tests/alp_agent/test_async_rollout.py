@@ -11,22 +11,16 @@ import time
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_trainer import tiny  # the same tiny Llama as the trainer tests
 
 from alp_agent.algo.config import TrainerConfig
 from alp_agent.loop import run_training
 from alp_agent.rollout.trajectory import Trajectory
 from alp_agent.trainer import Trainer
 
-VOCAB, PROMPT, LENGTH = 64, 3, 6
+PROMPT, LENGTH = 3, 6
 
 
-def tiny(seed: int = 1) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).float()
 
 
 class CopyEngine:
@@ -78,7 +72,7 @@ class CopyEngine:
 def _train(batches: int, **kw) -> tuple[Trainer, CopyEngine, list[dict]]:
     cfg = TrainerConfig.model_validate({"optim": {"lr": 1e-2}, "update": {"updates_per_batch": 2, "micro_batch_tokens": 512},
                                         "algo": {"perturb": {"sigma0": 0.05, "sigma_lr": 0.05}}})
-    tr = Trainer(tiny(), cfg)
+    tr = Trainer(tiny(1), cfg)
     eng = CopyEngine(tr)
     hist = run_training(tr, eng.rollout, eng, num_tasks=8, num_batches=batches, prompts_per_batch=8, n_per_task=8, **kw)
     return tr, eng, hist
@@ -104,7 +98,7 @@ def test_sync_mode_is_unchanged():
 
 
 def test_async_needs_an_engine():
-    tr = Trainer(tiny(), TrainerConfig())
+    tr = Trainer(tiny(1), TrainerConfig())
     with pytest.raises(ValueError, match="async_rollout"):
         run_training(tr, lambda *a: [], None, 4, 1, 1, 1, async_rollout=True)
 
