@@ -94,7 +94,11 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "<root>"
-        msg = "unknown key (check spelling; see configs/ for the valid keys)" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = (
+            "unknown key (check spelling; see configs/ for the valid keys)"
+            if e["type"] == "extra_forbidden"
+            else e["msg"]
+        )
         parts.append(f"{loc}: {msg}")
     return f"{source}: " + "; ".join(parts)
 

@@ -12,9 +12,14 @@ def machine_info(*modules: str) -> dict:
     """Platform, Python, cores, torch (+ CUDA device), CPU model, and the version of each named module (None if absent)."""
     import torch
 
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     for name in modules:
         try:
             info[name] = importlib.import_module(name).__version__

@@ -1,7 +1,7 @@
 """End-to-end: full training iterations of the quickstart (rollout -> update -> weight sync), broken down by phase.
 
 What it answers: where does one iteration of `alp-agent train --config configs/quickstart.yaml` spend its time, so
-the slowest phase is visible. It builds the same components as `alp_agent.job.train` (`build_inference`, then
+the slowest phase is visible. It builds the same components as `alp_agent.app.job.train` (`build_inference`, then
 `load_model` + `Trainer`) and runs the same steps as its loop, timing each one:
 
   rollout generation   RolloutRunner.run wall time while no env step is running (engine turns, templates, resets)
@@ -151,12 +151,12 @@ def main() -> None:
 
     import torch
 
+    from alp_agent.app.job import build_inference
     from alp_agent.config import RunConfig
     from alp_agent.config_io import load_config
-    from alp_agent.job import build_inference
-    from alp_agent.loop import task_cursor
     from alp_agent.models import load_model
-    from alp_agent.trainer import Trainer
+    from alp_agent.train.loop import task_cursor
+    from alp_agent.train.trainer import Trainer
 
     overrides = [f"run.prompts_per_batch={args.prompts}", f"run.samples_per_prompt={args.samples}"]
     if args.algo:
@@ -208,19 +208,32 @@ def main() -> None:
             }
             trained = float(sum(sum(t.loss_mask) for t in trajs if t.num_model_tokens > 0))
             it = {
-                "iteration": i, "warmup": i < args.warmup, "phases_s": phases, "total_s": t_total,
-                "rollout_wall_s": t_roll, "episodes": len(trajs),
-                "env_steps": len(steps), "env_step_sum_s": sum(b - a for a, b in steps),
-                "sandbox_calls": len(sandbox), "sandbox_sum_s": sum(sandbox), "env_reset_sum_s": resets,
-                "tool_calls": sum(t.num_tool_calls for t in trajs), "model_turns": sum(t.num_turns for t in trajs),
-                "trained_tokens": trained, "sequence_tokens": float(sum(len(t.ids) for t in trajs)),
-                "optimizer_steps": m.get("optimizer_steps"), "reward_mean": m.get("reward/mean"),
+                "iteration": i,
+                "warmup": i < args.warmup,
+                "phases_s": phases,
+                "total_s": t_total,
+                "rollout_wall_s": t_roll,
+                "episodes": len(trajs),
+                "env_steps": len(steps),
+                "env_step_sum_s": sum(b - a for a, b in steps),
+                "sandbox_calls": len(sandbox),
+                "sandbox_sum_s": sum(sandbox),
+                "env_reset_sum_s": resets,
+                "tool_calls": sum(t.num_tool_calls for t in trajs),
+                "model_turns": sum(t.num_turns for t in trajs),
+                "trained_tokens": trained,
+                "sequence_tokens": float(sum(len(t.ids) for t in trajs)),
+                "optimizer_steps": m.get("optimizer_steps"),
+                "reward_mean": m.get("reward/mean"),
                 "rollout_metrics": roll_m,
             }
             iters.append(it)
             tag = "warm-up" if it["warmup"] else "measured"
-            print(f"iteration {i} ({tag}): total {t_total:.1f} s, rollout {t_roll:.1f} s, update {upd_total:.1f} s, "
-                  f"sync {t_sync:.2f} s", flush=True)
+            print(
+                f"iteration {i} ({tag}): total {t_total:.1f} s, rollout {t_roll:.1f} s, update {upd_total:.1f} s, "
+                f"sync {t_sync:.2f} s",
+                flush=True,
+            )
     finally:
         comps.close()
 
@@ -228,32 +241,46 @@ def main() -> None:
     n = len(measured)
     mean = {p: sum(it["phases_s"][p] for it in measured) / n for p in PHASES}
     total = sum(mean.values())
-    print(f"\nalgo {cfg.trainer.algo.name}, {cfg.run.prompts_per_batch} prompts x {cfg.run.samples_per_prompt} samples, "
-          f"mean of {n} measured iteration(s) after {args.warmup} warm-up")
+    print(
+        f"\nalgo {cfg.trainer.algo.name}, {cfg.run.prompts_per_batch} prompts x {cfg.run.samples_per_prompt} samples, "
+        f"mean of {n} measured iteration(s) after {args.warmup} warm-up"
+    )
     print(f"| {'phase':<20} | {'seconds':>8} | {'share %':>7} |")
     print(f"|{'-' * 22}|{'-' * 9}:|{'-' * 8}:|")
     for p in PHASES:
         print(f"| {p:<20} | {mean[p]:8.2f} | {100 * mean[p] / total:7.1f} |")
     print(f"| {'total':<20} | {total:8.2f} | {100.0:7.1f} |")
+
     def avg(k: str) -> float:
         return sum(it[k] for it in measured) / n
 
-    print(f"\nenv steps {avg('env_steps'):.0f} (sum {avg('env_step_sum_s'):.2f} s), sandbox calls "
-          f"{avg('sandbox_calls'):.0f} (sum {avg('sandbox_sum_s'):.2f} s), model turns {avg('model_turns'):.0f}, "
-          f"trained tokens {avg('trained_tokens'):.0f}, slowest phase: {max(mean, key=mean.get)}")
+    print(
+        f"\nenv steps {avg('env_steps'):.0f} (sum {avg('env_step_sum_s'):.2f} s), sandbox calls "
+        f"{avg('sandbox_calls'):.0f} (sum {avg('sandbox_sum_s'):.2f} s), model turns {avg('model_turns'):.0f}, "
+        f"trained tokens {avg('trained_tokens'):.0f}, slowest phase: {max(mean, key=mean.get)}"
+    )
     print(f"setup (not in the table): build_inference {t_build:.1f} s, trainer model {t_model:.1f} s")
 
     out = {
-        "config": str(Path(args.config).resolve().relative_to(ROOT)) if Path(args.config).resolve().is_relative_to(ROOT)
+        "config": str(Path(args.config).resolve().relative_to(ROOT))
+        if Path(args.config).resolve().is_relative_to(ROOT)
         else args.config,
         "command": "python bench/e2e.py " + " ".join(sys.argv[1:]),
-        "algo": cfg.trainer.algo.name, "prompts": cfg.run.prompts_per_batch, "samples": cfg.run.samples_per_prompt,
-        "overrides": list(args.overrides), "warmup": args.warmup, "measured": n,
-        "phases_mean_s": mean, "total_mean_s": total,
-        "share": {p: mean[p] / total for p in PHASES}, "slowest": max(mean, key=mean.get),
+        "algo": cfg.trainer.algo.name,
+        "prompts": cfg.run.prompts_per_batch,
+        "samples": cfg.run.samples_per_prompt,
+        "overrides": list(args.overrides),
+        "warmup": args.warmup,
+        "measured": n,
+        "phases_mean_s": mean,
+        "total_mean_s": total,
+        "share": {p: mean[p] / total for p in PHASES},
+        "slowest": max(mean, key=mean.get),
         "setup_s": {"build_inference": t_build, "trainer_model": t_model},
-        "iterations": iters, "machine": machine(),
-        "loadavg": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "iterations": iters,
+        "machine": machine(),
+        "loadavg": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2, default=str))

@@ -58,23 +58,37 @@ def build(args: argparse.Namespace, variant: str):
 
     from alp_agent.algo.config import TrainerConfig
     from alp_agent.rollout.trajectory import Trajectory
-    from alp_agent.trainer import Trainer
+    from alp_agent.train.trainer import Trainer
 
     dev = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
-                      num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
-                      num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=args.seq * 2,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 64),
+        num_key_value_heads=max(1, args.hidden // 256),
+        max_position_embeddings=args.seq * 2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = LlamaForCausalLM(cfg).float().to(dev)
     base = variant.removesuffix("_ckpt").removesuffix("_naive")
-    tc = TrainerConfig.model_validate({
-        "algo": {"name": "alp" if base == "alp" else "bypass", "perturb": {"sigma0": 1e-3, "sigma_lr": 1e-2}},
-        "optim": {"lr": 1e-6},
-        "update": {"updates_per_batch": args.updates, "micro_batch_tokens": args.micro_tokens,
-                   "clean_metrics_every": args.clean_every, "activation_checkpointing": variant.endswith("_ckpt"),
-                   "dtype": args.dtype},
-    })
+    tc = TrainerConfig.model_validate(
+        {
+            "algo": {"name": "alp" if base == "alp" else "bypass", "perturb": {"sigma0": 1e-3, "sigma_lr": 1e-2}},
+            "optim": {"lr": 1e-6},
+            "update": {
+                "updates_per_batch": args.updates,
+                "micro_batch_tokens": args.micro_tokens,
+                "clean_metrics_every": args.clean_every,
+                "activation_checkpointing": variant.endswith("_ckpt"),
+                "dtype": args.dtype,
+            },
+        }
+    )
     trainer = Trainer(model, tc)
     g = torch.Generator().manual_seed(1)
     prompt_len = args.seq // 4
@@ -141,15 +155,19 @@ def mem_child(args: argparse.Namespace, variant: str) -> dict:
         trainer.update(b)
     _sync(dev)
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _rss_kib("VmHWM") * 1024
-    return {"train_bytes": peak - base, "peak_bytes": peak, "base_bytes": base,
-            "saved_bytes": saved_for_backward_bytes(trainer, data[0])}
+    return {
+        "train_bytes": peak - base,
+        "peak_bytes": peak,
+        "base_bytes": base,
+        "saved_bytes": saved_for_backward_bytes(trainer, data[0]),
+    }
 
 
 def saved_for_backward_bytes(trainer, trajs) -> int:
     """Exact bytes autograd keeps for backward in one training forward of 4 rows (unique non-parameter storages)."""
     import torch
 
-    from alp_agent.logprobs import sequence_logprobs
+    from alp_agent.train.logprobs import sequence_logprobs
 
     seen: dict[int, int] = {}
 
@@ -169,8 +187,9 @@ def saved_for_backward_bytes(trainer, trajs) -> int:
 
 def _child(argv: list[str], mode: str, env_extra: dict[str, str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **env_extra}
-    out = subprocess.run([sys.executable, __file__, *argv, "--_child", mode], capture_output=True, text=True,
-                         env=env, check=False)
+    out = subprocess.run(
+        [sys.executable, __file__, *argv, "--_child", mode], capture_output=True, text=True, env=env, check=False
+    )
     if out.returncode != 0:
         sys.exit(f"benchmark child {mode} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -213,32 +232,45 @@ def main() -> None:
     for v in variants:
         ref = "bypass_ckpt" if v.endswith("_ckpt") else "bypass"
         t, tr = timing["times"][v], timing["times"].get(ref)
-        s = {"step_time_median_s": statistics.median(t), "step_time_min_s": min(t),
-             "train_mem_mib": mem[v]["train_bytes"] / 2**20, "saved_fwd_mib": mem[v]["saved_bytes"] / 2**20}
+        s = {
+            "step_time_median_s": statistics.median(t),
+            "step_time_min_s": min(t),
+            "train_mem_mib": mem[v]["train_bytes"] / 2**20,
+            "saved_fwd_mib": mem[v]["saved_bytes"] / 2**20,
+        }
         if tr:
             s["time_ratio_paired_median"] = statistics.median(a / b for a, b in zip(t, tr))
             s["time_ratio_min"] = min(t) / min(tr)
             s["mem_ratio"] = mem[v]["train_bytes"] / mem[ref]["train_bytes"]
             s["saved_ratio"] = mem[v]["saved_bytes"] / mem[ref]["saved_bytes"]
         summary[v] = s
-    hdr = (f"{'variant':12s} {'step med (s)':>12s} {'step min (s)':>12s} {'time x':>7s} {'train mem MiB':>13s}"
-           f" {'mem x':>6s} {'saved fwd MiB':>13s} {'saved x':>7s}")
+    hdr = (
+        f"{'variant':12s} {'step med (s)':>12s} {'step min (s)':>12s} {'time x':>7s} {'train mem MiB':>13s}"
+        f" {'mem x':>6s} {'saved fwd MiB':>13s} {'saved x':>7s}"
+    )
     print("\n" + hdr)
     for v, s in summary.items():
-        print(f"{v:12s} {s['step_time_median_s']:12.3f} {s['step_time_min_s']:12.3f} "
-              f"{s.get('time_ratio_paired_median', float('nan')):7.3f} {s['train_mem_mib']:13.1f} "
-              f"{s.get('mem_ratio', float('nan')):6.3f} {s['saved_fwd_mib']:13.1f} {s.get('saved_ratio', float('nan')):7.3f}")
+        print(
+            f"{v:12s} {s['step_time_median_s']:12.3f} {s['step_time_min_s']:12.3f} "
+            f"{s.get('time_ratio_paired_median', float('nan')):7.3f} {s['train_mem_mib']:13.1f} "
+            f"{s.get('mem_ratio', float('nan')):6.3f} {s['saved_fwd_mib']:13.1f} {s.get('saved_ratio', float('nan')):7.3f}"
+        )
     import torch
 
     record = {
         "args": {k: v for k, v in vars(args).items() if k != "_child"},
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "torch": torch.__version__, "params": timing["params"],
+        "torch": torch.__version__,
+        "params": timing["params"],
         "time_measure": "per optimizer step, variants interleaved batch by batch in one process; 'time x' = median "
-                        "of per-round ratios to the reference",
-        "memory_measure": "cuda max_memory_allocated - allocated before training" if args.device == "cuda"
+        "of per-round ratios to the reference",
+        "memory_measure": "cuda max_memory_allocated - allocated before training"
+        if args.device == "cuda"
         else "peak RSS (VmHWM) - RSS before the first training step, MALLOC_MMAP_THRESHOLD_=131072",
-        "summary": summary, "times": timing["times"], "memory": mem, "targets": {"time_ratio": 1.10, "mem_ratio": 1.05},
+        "summary": summary,
+        "times": timing["times"],
+        "memory": mem,
+        "targets": {"time_ratio": 1.10, "mem_ratio": 1.05},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))

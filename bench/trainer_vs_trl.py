@@ -9,7 +9,7 @@ batches (N trajectories of a prompt and a completion of random token ids, reward
 drawn in [C/2, C] unless --fixed), the same number of optimizer steps per batch (--updates) and micro-batches of
 --micro-rows rows, AdamW with the same lr / betas / weight decay / eps, grad clip 1.0, no KL, no reference model.
 
-  alp / bypass   alp_agent.trainer.Trainer.update(trajectories) (sequence-level ratio vs the engine logprobs;
+  alp / bypass   alp_agent.train.trainer.Trainer.update(trajectories) (sequence-level ratio vs the engine logprobs;
                  ALP adds its noise on every layer). clean_metrics_every=0: the optional no-noise metrics forward
                  (quickstart: every 2nd step) is extra work TRL does not do, so it is off here.
   trl            trl.GRPOTrainer (loss_type dapo: token-mean like ours; num_iterations 1, beta 0, no vLLM), driven
@@ -57,9 +57,19 @@ def load(args):
     if args.model == "tiny":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        cfg = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=4096,
-                          pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+        cfg = LlamaConfig(
+            vocab_size=8192,
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            max_position_embeddings=4096,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+        )
         return LlamaForCausalLM(cfg).float(), None
     path = resolve_model(args.model)
     return load_model(path, dtype=torch.float32), load_tokenizer(path)
@@ -75,13 +85,25 @@ def make_batches(args, vocab: int):
     for _ in range(args.warmup + args.rounds):
         trajs = []
         for i in range(args.batch):
-            C = args.completion_len if args.fixed else int(torch.randint(args.completion_len // 2,
-                                                                          args.completion_len + 1, (1,), generator=g))
+            C = (
+                args.completion_len
+                if args.fixed
+                else int(torch.randint(args.completion_len // 2, args.completion_len + 1, (1,), generator=g))
+            )
             p = torch.randint(3, vocab, (args.prompt_len,), generator=g).tolist()
             c = torch.randint(3, vocab, (C,), generator=g).tolist()
             lp = (-torch.rand(C, generator=g) * 0.1).tolist()
-            trajs.append(Trajectory(p, c, [1] * C, lp, reward=float(torch.rand(1, generator=g) > 0.5),
-                                    group_id=i // args.group, temperature=1.0))
+            trajs.append(
+                Trajectory(
+                    p,
+                    c,
+                    [1] * C,
+                    lp,
+                    reward=float(torch.rand(1, generator=g) > 0.5),
+                    group_id=i // args.group,
+                    temperature=1.0,
+                )
+            )
         out.append(trajs)
     return out
 
@@ -97,17 +119,24 @@ def _sync(dev):
 class Ours:
     def __init__(self, args, algo: str):
         from alp_agent.algo.config import TrainerConfig
-        from alp_agent.trainer import Trainer
+        from alp_agent.train.trainer import Trainer
 
         model, _ = load(args)
         model.to(args.device)
-        tc = TrainerConfig.model_validate({
-            "algo": {"name": algo, "perturb": {"sigma0": 1e-3, "sigma_lr": 1e-2}},
-            "optim": {"lr": args.lr, "warmup_steps": 0},
-            "update": {"updates_per_batch": args.updates, "micro_batch_tokens": args.micro_rows * args.seq,
-                       "max_micro_batch_size": args.micro_rows, "clean_metrics_every": 0, "dtype": args.dtype,
-                       "shuffle": True},
-        })
+        tc = TrainerConfig.model_validate(
+            {
+                "algo": {"name": algo, "perturb": {"sigma0": 1e-3, "sigma_lr": 1e-2}},
+                "optim": {"lr": args.lr, "warmup_steps": 0},
+                "update": {
+                    "updates_per_batch": args.updates,
+                    "micro_batch_tokens": args.micro_rows * args.seq,
+                    "max_micro_batch_size": args.micro_rows,
+                    "clean_metrics_every": 0,
+                    "dtype": args.dtype,
+                    "shuffle": True,
+                },
+            }
+        )
         self.trainer = Trainer(model, tc)
         self.model = model
         self.device = self.trainer.device
@@ -136,17 +165,41 @@ class TRL:
         self.accum = self.n_micro // args.updates
         self.tmp = tempfile.mkdtemp(prefix="trl_bench_")
         cfg = GRPOConfig(
-            output_dir=self.tmp, per_device_train_batch_size=args.micro_rows,
-            gradient_accumulation_steps=self.accum, steps_per_generation=self.n_micro,
-            num_generations=args.group, max_completion_length=args.completion_len, num_iterations=1, beta=0.0,
-            loss_type="dapo", learning_rate=args.lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.99,
-            adam_epsilon=1e-8, max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0,
-            bf16=args.dtype == "bfloat16", use_cpu=args.device == "cpu", report_to="none", logging_steps=10**9,
-            save_strategy="no", seed=0, temperature=1.0, shuffle_dataset=False, dataloader_num_workers=0,
+            output_dir=self.tmp,
+            per_device_train_batch_size=args.micro_rows,
+            gradient_accumulation_steps=self.accum,
+            steps_per_generation=self.n_micro,
+            num_generations=args.group,
+            max_completion_length=args.completion_len,
+            num_iterations=1,
+            beta=0.0,
+            loss_type="dapo",
+            learning_rate=args.lr,
+            weight_decay=0.01,
+            adam_beta1=0.9,
+            adam_beta2=0.99,
+            adam_epsilon=1e-8,
+            max_grad_norm=1.0,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            bf16=args.dtype == "bfloat16",
+            use_cpu=args.device == "cpu",
+            report_to="none",
+            logging_steps=10**9,
+            save_strategy="no",
+            seed=0,
+            temperature=1.0,
+            shuffle_dataset=False,
+            dataloader_num_workers=0,
         )
         ds = Dataset.from_dict({"prompt": ["x"] * args.batch})
-        self.trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
-                                   args=cfg, train_dataset=ds, processing_class=tok)
+        self.trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+            args=cfg,
+            train_dataset=ds,
+            processing_class=tok,
+        )
         t = self.trainer
         t._prepare_inputs = lambda inputs: inputs  # completions exist already: the batch below is the input
         t.create_optimizer_and_scheduler(num_training_steps=10**6)
@@ -168,20 +221,23 @@ class TRL:
         prompt_ids = pad(prompt, padding_value=self.pad, padding_side="left").to(dev)
         prompt_mask = pad([torch.ones_like(x) for x in prompt], padding_value=0, padding_side="left").to(dev)
         completion_ids = pad(comp, padding_value=self.pad, padding_side="right").to(dev)
-        completion_mask = pad([torch.tensor(t.loss_mask) for t in trajs], padding_value=0,
-                              padding_side="right").to(dev)
+        completion_mask = pad([torch.tensor(t.loss_mask) for t in trajs], padding_value=0, padding_side="right").to(dev)
         r = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
         g = r.view(-1, self.trainer.num_generations)
         adv = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).view(-1).to(dev)
         perm = torch.randperm(len(trajs))
-        full = {"prompt_ids": prompt_ids[perm], "prompt_mask": prompt_mask[perm],
-                "completion_ids": completion_ids[perm], "completion_mask": completion_mask[perm],
-                "advantages": adv[perm]}
+        full = {
+            "prompt_ids": prompt_ids[perm],
+            "prompt_mask": prompt_mask[perm],
+            "completion_ids": completion_ids[perm],
+            "completion_mask": completion_mask[perm],
+            "advantages": adv[perm],
+        }
         n_items = completion_mask.sum()
         rows = prompt_ids.shape[0] // self.n_micro
         micro = []
         for i in range(self.n_micro):
-            d = {k: v[i * rows:(i + 1) * rows] for k, v in full.items()}
+            d = {k: v[i * rows : (i + 1) * rows] for k, v in full.items()}
             d["num_items_in_batch"] = n_items
             micro.append(d)
         return micro, n_items
@@ -191,7 +247,7 @@ class TRL:
         micro, n_items = self._inputs(trajs)
         steps = 0
         for s in range(len(micro) // self.accum):
-            for mb in micro[s * self.accum:(s + 1) * self.accum]:
+            for mb in micro[s * self.accum : (s + 1) * self.accum]:
                 t.training_step(self.model, mb, n_items)
             t.accelerator.clip_grad_norm_(self.model.parameters(), t.args.max_grad_norm)
             t.optimizer.step()
@@ -209,8 +265,9 @@ class Plain:
         model, _ = load(args)
         self.model = model.to(args.device).train()
         self.device = next(self.model.parameters()).device
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.99), eps=1e-8,
-                                     weight_decay=0.01)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=args.lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01
+        )
         self.args = args
         self.torch = torch
 
@@ -221,18 +278,18 @@ class Plain:
         order = torch.randperm(len(trajs)).tolist()
         steps = 0
         for s in range(a.updates):
-            idx = order[s * accum * a.micro_rows:(s + 1) * accum * a.micro_rows]
+            idx = order[s * accum * a.micro_rows : (s + 1) * accum * a.micro_rows]
             n_tok = sum(len(trajs[i].completion_ids) for i in idx)
             for j in range(accum):
-                rows = [trajs[i] for i in idx[j * a.micro_rows:(j + 1) * a.micro_rows]]
+                rows = [trajs[i] for i in idx[j * a.micro_rows : (j + 1) * a.micro_rows]]
                 T = max(len(r.ids) for r in rows)
                 ids = torch.zeros(len(rows), T, dtype=torch.long)
                 attn = torch.zeros_like(ids)
                 mask = torch.zeros(len(rows), T)
                 for k, r in enumerate(rows):
-                    ids[k, :len(r.ids)] = torch.tensor(r.ids)
-                    attn[k, :len(r.ids)] = 1
-                    mask[k, len(r.prompt_ids):len(r.ids)] = 1
+                    ids[k, : len(r.ids)] = torch.tensor(r.ids)
+                    attn[k, : len(r.ids)] = 1
+                    mask[k, len(r.prompt_ids) : len(r.ids)] = 1
                 ids, attn, mask = ids.to(self.device), attn.to(self.device), mask.to(self.device)
                 adv = torch.tensor([[r.reward - 0.5] for r in rows], device=self.device)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=a.dtype == "bfloat16"):
@@ -319,7 +376,7 @@ def main() -> None:
             if r >= args.warmup:
                 times[v].append(dt)
 
-    timed_tok = trained[args.warmup:]
+    timed_tok = trained[args.warmup :]
     ref = "trl" if "trl" in variants else "plain" if "plain" in variants else variants[0]
     rows = {}
     for v in variants:
@@ -331,24 +388,40 @@ def main() -> None:
         rows[v]["x_ref_per_round"] = [rt / vt for rt, vt in zip(times[ref], times[v])]
 
     names = {"trl": "TRL GRPOTrainer", "alp": "ours, ALP", "bypass": "ours, Bypass", "plain": "plain PyTorch loop"}
-    print(f"\nmodel {args.model}, {args.batch} trajectories x ({args.prompt_len} prompt + <= {args.completion_len} "
-          f"completion), {args.updates} optimizer steps/batch, micro-batches of {args.micro_rows} rows, {args.dtype} "
-          f"autocast, {sum(timed_tok) / len(timed_tok):.0f} trained tokens/batch, {args.rounds} timed batches")
+    print(
+        f"\nmodel {args.model}, {args.batch} trajectories x ({args.prompt_len} prompt + <= {args.completion_len} "
+        f"completion), {args.updates} optimizer steps/batch, micro-batches of {args.micro_rows} rows, {args.dtype} "
+        f"autocast, {sum(timed_tok) / len(timed_tok):.0f} trained tokens/batch, {args.rounds} timed batches"
+    )
     print(f"| {'variant':<20} | {'trained tok/s':>13} | {'best batch tok/s':>16} | {'s/batch':>8} | {'x ' + ref:>8} |")
     print(f"|{'-' * 22}|{'-' * 14}:|{'-' * 17}:|{'-' * 9}:|{'-' * 9}:|")
     for v in variants:
         x = rows[v]
-        print(f"| {names[v]:<20} | {x['tok_s']:13.1f} | {x['best_tok_s']:16.1f} | {x['per_batch_s']:8.2f} | "
-              f"{x['x_ref']:8.2f} |")
+        print(
+            f"| {names[v]:<20} | {x['tok_s']:13.1f} | {x['best_tok_s']:16.1f} | {x['per_batch_s']:8.2f} | "
+            f"{x['x_ref']:8.2f} |"
+        )
 
-    out = {"command": f"{Path(sys.executable).parent.parent.name}/bin/python bench/trainer_vs_trl.py "
-                      + " ".join(sys.argv[1:]),
-           "args": vars(args), "reference": ref, "trl_import_error": trl_error, "rows": rows,
-           "trained_tokens_per_batch": trained,
-           "trl_accelerate": ({"mixed_precision": str(built["trl"].trainer.accelerator.mixed_precision),
-                               "native_amp": bool(getattr(built["trl"].trainer.accelerator, "native_amp", False))}
-                              if "trl" in built else None), "machine": machine(args), "loadavg": os.getloadavg(),
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    out = {
+        "command": f"{Path(sys.executable).parent.parent.name}/bin/python bench/trainer_vs_trl.py "
+        + " ".join(sys.argv[1:]),
+        "args": vars(args),
+        "reference": ref,
+        "trl_import_error": trl_error,
+        "rows": rows,
+        "trained_tokens_per_batch": trained,
+        "trl_accelerate": (
+            {
+                "mixed_precision": str(built["trl"].trainer.accelerator.mixed_precision),
+                "native_amp": bool(getattr(built["trl"].trainer.accelerator, "native_amp", False)),
+            }
+            if "trl" in built
+            else None
+        ),
+        "machine": machine(args),
+        "loadavg": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2, default=str))
     print(f"wrote {args.out}")

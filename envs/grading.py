@@ -10,6 +10,7 @@ never a stuck episode. The pool is thread-safe: many episodes grade at once.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -190,10 +191,8 @@ class _Worker:
             self.proc.kill()
         self.proc.wait()
         for f in (self.proc.stdin, self.proc.stdout):
-            try:
+            with contextlib.suppress(OSError):
                 f.close()
-            except OSError:
-                pass
 
 
 class Grader:

@@ -62,9 +62,7 @@ class MathEnvConfig(ToolEnvConfig):
 
 
 # "The answer is 7623." / "Final answer: -3/4" / "answer = 12.5": a number only, so prose is never graded.
-_ANSWER_STATEMENT = re.compile(
-    r"(?i)\banswer\s*(?:is|:|=)\s*[*$]*\s*(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)(?![\d/])"
-)
+_ANSWER_STATEMENT = re.compile(r"(?i)\banswer\s*(?:is|:|=)\s*[*$]*\s*(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)(?![\d/])")
 
 _task_cache: dict[str, Sequence[Task]] = {}
 _task_cache_lock = threading.Lock()

@@ -14,6 +14,7 @@ short stable label counted in `info`) and a `message` (what the model is told).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -153,10 +154,8 @@ def _decode_call(body: str, tools: dict[str, Tool]) -> tuple[list[ToolCall], lis
             continue
         args = item.get("arguments", item.get("parameters", {}))
         if isinstance(args, str):  # some models send the arguments as a JSON string
-            try:
+            with contextlib.suppress(json.JSONDecodeError):
                 args = json.loads(args, strict=False)
-            except json.JSONDecodeError:
-                pass
         problem = tools[name].validate(args)
         if problem:
             errors.append(CallError(BAD_ARGUMENTS, f"Error: {problem}."))

@@ -13,7 +13,7 @@ from typing import Self
 from sandbox.config import SandboxConfig
 
 
-class ExecStatus(str, enum.Enum):
+class ExecStatus(enum.StrEnum):
     """How one run() call ended. Each value is a well-defined observation, never an exception."""
 
     OK = "ok"  # ran to the end

@@ -14,6 +14,7 @@ processes are removed when a DockerSandbox starts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -154,10 +155,8 @@ class DockerWorker(Worker):
         return died_from_returncode(state.get("StatusCode", st.get("ExitCode")))
 
     def _terminate(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # closing a dead stream
             self._sock_io.close()
-        except Exception:  # noqa: BLE001, S110 - closing a dead stream
-            pass
         try:
             self.container.remove(force=True)
         except Exception as e:  # noqa: BLE001 - already gone, or the engine is down; nothing else to do

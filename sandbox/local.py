@@ -17,6 +17,7 @@ same rlimits, uid and cgroup, and a warning is logged: no namespaces then, so no
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import itertools
 import json
@@ -137,10 +138,8 @@ class PidsCgroup:
             if not pids:
                 return
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             time.sleep(0.002)
 
     def remove(self) -> None:
@@ -157,10 +156,8 @@ class PidsCgroup:
 
 
 def _rmdir_quiet(p: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         p.rmdir()
-    except OSError:
-        pass
 
 
 def _read(p: Path) -> str:
@@ -177,18 +174,12 @@ def _sweep_stale(base: Path) -> None:
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             for sub in d.glob("s*"):
                 for p in _read(sub / "cgroup.procs").split():
-                    try:
+                    with contextlib.suppress(ProcessLookupError, ValueError):
                         os.kill(int(p), signal.SIGKILL)
-                    except (ProcessLookupError, ValueError):
-                        pass
-                try:
+                with contextlib.suppress(OSError):
                     sub.rmdir()
-                except OSError:
-                    pass
-            try:
+            with contextlib.suppress(OSError):
                 d.rmdir()
-            except OSError:
-                pass
 
 
 class UidAllocator:
@@ -294,10 +285,8 @@ class LocalWorker(Worker):
         return died_from_returncode(rc)
 
     def _terminate(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         if self.cgroup is not None:
             self.cgroup.kill_all()
         try:
@@ -305,10 +294,8 @@ class LocalWorker(Worker):
         except subprocess.TimeoutExpired:
             log.warning("sandbox worker %d did not die", self.proc.pid)
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            try:
+            with contextlib.suppress(OSError):
                 f.close()
-            except OSError:
-                pass
         if self.cgroup is not None:
             self.cgroup.remove()
         if self._cwd:

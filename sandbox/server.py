@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
 import io
 import json
 import linecache
@@ -192,10 +193,8 @@ class Server:
     def _after_fork_in_child(self) -> None:
         """A forked child must never speak the protocol; its prints go to the fd-level capture instead."""
         for fd in (self.proto_in, self.proto_out):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self.proto_in = self.proto_out = -1
         try:
             sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
@@ -219,10 +218,8 @@ class Server:
             )
             os.setresuid(uid, uid, uid)  # drops every capability: the cell runs as an unprivileged user
         if opts.get("cwd"):
-            try:
+            with contextlib.suppress(OSError):
                 os.chdir(opts["cwd"])
-            except OSError:
-                pass
 
     # protocol -------------------------------------------------------------------------------------------------
     def serve(self) -> None:

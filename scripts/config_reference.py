@@ -1,6 +1,6 @@
 """Print the config reference (every key, its default and its description) as markdown, from the pydantic models.
 
-    python scripts/config_reference.py > docs/config_reference.md
+python scripts/config_reference.py > docs/config_reference.md
 """
 
 from __future__ import annotations

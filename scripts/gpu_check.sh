@@ -18,4 +18,4 @@ if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 export PYTHONUNBUFFERED=1
-exec "$PY" -m alp_agent.gpu_check --out "${GPU_CHECK_OUT:-runs/gpu_check}" "$@"
+exec "$PY" -m alp_agent.app.gpu_check --out "${GPU_CHECK_OUT:-runs/gpu_check}" "$@"

@@ -45,7 +45,9 @@ class PerturbConfig(_Strict):
         description="Initial sigma (s_l = log sigma0). [math] 0.02, [tool] 1e-6. Choice: 1e-3 by default because "
         "the spec measured 1e-6 as a no-op in fp32 at 135M scale and 1e-3..5e-3 as the useful range.",
     )
-    logits_sigma0: float | None = Field(None, gt=0, description="Initial sigma of the logits-only variant; None = sigma0.")
+    logits_sigma0: float | None = Field(
+        None, gt=0, description="Initial sigma of the logits-only variant; None = sigma0."
+    )
     learnable: bool = Field(True, description="Learn s_l with the RL loss (own AdamW group); False = fixed buffer.")
     sigma_lr: float = Field(5e-4, gt=0, description="Learning rate of the s_l group. [math] 1e-2, [tool] 5e-4.")
     scale_aware: bool = Field(
@@ -53,8 +55,12 @@ class PerturbConfig(_Strict):
         description="Noise = sigma_l * RMS(h) * eps with the per-token RMS of the layer input (detached) instead of "
         "the paper's absolute sigma_l * eps. Spec option; default off (absolute, as the paper).",
     )
-    sigma_penalty_alpha: float = Field(0.0, ge=0, description="alpha in alpha*sigma^2 - beta*log sigma^2 (dev version: 1e-3; released: off).")
-    sigma_penalty_beta: float = Field(0.0, ge=0, description="beta in alpha*sigma^2 - beta*log sigma^2 (dev version: 1e-3; released: off).")
+    sigma_penalty_alpha: float = Field(
+        0.0, ge=0, description="alpha in alpha*sigma^2 - beta*log sigma^2 (dev version: 1e-3; released: off)."
+    )
+    sigma_penalty_beta: float = Field(
+        0.0, ge=0, description="beta in alpha*sigma^2 - beta*log sigma^2 (dev version: 1e-3; released: off)."
+    )
     seed: int = Field(0, description="Base seed of the noise; eps depends only on (seed, step, micro-batch, layer).")
 
 
@@ -77,15 +83,22 @@ class AlgoConfig(_Strict):
     dual_clip: float | None = Field(3.0, description="Dual-clip c (> 1) for A < 0; None = off. [math] 10, [tool] 3.")
     log_ratio_clamp: float = Field(20.0, gt=0, description="Clamp log rho to [-x, x] before exp (reference: 20).")
     loss_agg: Literal["token_mean", "seq_mean"] = Field(
-        "token_mean", description="token_mean over all valid tokens of the mini-batch (reference) or mean of per-sequence means."
+        "token_mean",
+        description="token_mean over all valid tokens of the mini-batch (reference) or mean of per-sequence means.",
     )
     is_level: Literal["token", "sequence"] = Field("token", description="Level of the TIS weight / MIS mask.")
-    is_threshold: float = Field(2.0, gt=1, description="C of TIS truncation min(w, C) and of the MIS band [1/C, C] (spec: 2 to 5).")
-    kl_coef: float = Field(0.0, ge=0, description="Weight of the KL to a frozen reference. [math] 1e-3, [tool] 0 (off).")
+    is_threshold: float = Field(
+        2.0, gt=1, description="C of TIS truncation min(w, C) and of the MIS band [1/C, C] (spec: 2 to 5)."
+    )
+    kl_coef: float = Field(
+        0.0, ge=0, description="Weight of the KL to a frozen reference. [math] 1e-3, [tool] 0 (off)."
+    )
     kl_type: Literal["k1", "k3"] = Field("k3", description="KL estimator of the reference penalty (reference: k3).")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight (off in the reference runs).")
     advantage: Literal["grpo", "rloo"] = Field("grpo", description="Group-relative advantage estimator.")
-    adv_std_norm: bool = Field(True, description="GRPO: divide by the group std (+1e-6). False = Dr.GRPO-style mean only.")
+    adv_std_norm: bool = Field(
+        True, description="GRPO: divide by the group std (+1e-6). False = Dr.GRPO-style mean only."
+    )
     perturb: PerturbConfig = Field(default_factory=PerturbConfig, description="Layerwise perturbation (ALP).")
 
     @model_validator(mode="after")
@@ -126,7 +139,9 @@ class OptimConfig(_Strict):
 
     lr: float = Field(1e-6, gt=0, description="Policy learning rate ([math] and [tool]: 1e-6).")
     betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas (reference: 0.9, 0.99).")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay on policy weights (reference: 0.01); s_l get none.")
+    weight_decay: float = Field(
+        0.01, ge=0, description="AdamW weight decay on policy weights (reference: 0.01); s_l get none."
+    )
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup over this many optimizer steps, then constant.")
     grad_clip: float = Field(1.0, gt=0, description="Max global grad norm of the policy weights (reference: 1.0).")
@@ -139,14 +154,18 @@ class UpdateConfig(_Strict):
         4, ge=1, description="Mini-batches (= optimizer steps) per rollout batch: the staleness. [math] 16, [tool] 4."
     )
     micro_batch_tokens: int = Field(
-        4096, ge=1, description="Token budget (rows x padded length) of a micro-batch; sequences are bucketed by length."
+        4096,
+        ge=1,
+        description="Token budget (rows x padded length) of a micro-batch; sequences are bucketed by length.",
     )
     max_micro_batch_size: int = Field(64, ge=1, description="Upper bound on rows per micro-batch.")
     shuffle: bool = Field(True, description="Shuffle trajectories before splitting into mini-batches (seeded).")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Compute dtype: float32, or bfloat16 autocast over float32 master weights."
     )
-    activation_checkpointing: bool = Field(False, description="Recompute layer activations in backward (HF gradient checkpointing).")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute layer activations in backward (HF gradient checkpointing)."
+    )
     clean_metrics_every: int = Field(
         1,
         ge=0,

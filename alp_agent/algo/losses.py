@@ -16,7 +16,9 @@ import torch
 
 
 # ---------------------------------------------------------------- ratios
-def log_ratio(logp: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, level: str, clamp: float = 20.0) -> torch.Tensor:
+def log_ratio(
+    logp: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, level: str, clamp: float = 20.0
+) -> torch.Tensor:
     """log rho_t of logp against base (infer logprobs for ALP/Bypass, old logprobs for GRPO-family).
 
     token:        log rho_t = d_t,                       d_t = logp_t - base_t
@@ -40,7 +42,9 @@ def log_ratio(logp: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, level:
     return lr.clamp(-clamp, clamp)
 
 
-def sequence_log_ratio(logp: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, geometric: bool = False) -> torch.Tensor:
+def sequence_log_ratio(
+    logp: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, geometric: bool = False
+) -> torch.Tensor:
     """(B,) sum (or mean if geometric) of m_t (logp_t - base_t); for metrics and sequence-level IS weights."""
     m = mask.to(logp.dtype)
     s = ((logp - base) * m).sum(-1)
@@ -88,7 +92,9 @@ def ppo_clip(
     return PGTerms(loss, r, clip_upper, clip_lower, clip_dual)
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean", denom: float | None = None) -> torch.Tensor:
+def aggregate(
+    values: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean", denom: float | None = None
+) -> torch.Tensor:
     """token_mean: sum_t m_t v_t / sum m (alp.md); seq_mean: mean over sequences of per-sequence token means.
 
     denom overrides the normaliser (total valid tokens, or number of sequences, of the whole mini-batch) so that

@@ -85,7 +85,13 @@ def add_noise(h: torch.Tensor, log_sigma: torch.Tensor, seed: int, scale_aware: 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layer stack of any HF causal LM: the usual `model.model.layers`, else the longest ModuleList of
     identical blocks (length num_hidden_layers when the config says so). Raises if none is found."""
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers"):
+    for path in (
+        "model.layers",
+        "model.decoder.layers",
+        "transformer.h",
+        "gpt_neox.layers",
+        "model.language_model.layers",
+    ):
         obj: object = model
         for part in path.split("."):
             obj = getattr(obj, part, None)

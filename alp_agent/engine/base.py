@@ -61,7 +61,7 @@ class Engine(abc.ABC):
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Replace the policy weights in place (HF parameter names). Never receives ALP log-sigmas."""
 
-    def close(self) -> None:  # pragma: no cover - default no-op
+    def close(self) -> None:  # noqa: B027 - a default no-op that engines without resources keep
         pass
 
 

@@ -30,8 +30,9 @@ def _affinity() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
-def engine_envs(config: EngineConfig, cuda: bool | None = None, gpus: list[str] | None = None,
-                cores: list[int] | None = None) -> list[dict[str, str]]:
+def engine_envs(
+    config: EngineConfig, cuda: bool | None = None, gpus: list[str] | None = None, cores: list[int] | None = None
+) -> list[dict[str, str]]:
     """Environment of each engine process (index = engine). `cuda`, `gpus` and `cores` default to this machine's;
     they are arguments so the placement arithmetic is testable without a GPU.
 
@@ -46,14 +47,16 @@ def engine_envs(config: EngineConfig, cuda: bool | None = None, gpus: list[str] 
         gpus = _visible_gpus() if gpus is None else gpus
         idx = config.devices if config.devices is not None else list(range(n * tp))
         if max(idx) >= len(gpus) or len(idx) < n * tp:
-            raise PlacementError(f"engine.devices {idx} needs {n * tp} of the {len(gpus)} visible GPUs "
-                                 f"(num_engines {n} x tensor_parallel_size {tp})")
-        return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[j] for j in idx[i * tp:(i + 1) * tp])} for i in range(n)]
+            raise PlacementError(
+                f"engine.devices {idx} needs {n * tp} of the {len(gpus)} visible GPUs "
+                f"(num_engines {n} x tensor_parallel_size {tp})"
+            )
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[j] for j in idx[i * tp : (i + 1) * tp])} for i in range(n)]
     cores = _affinity() if cores is None else cores
     if config.cpu_threads_bind is not None or n == 1 or len(cores) < n:
         return [{} for _ in range(n)]
     per = len(cores) // n
-    return [{"VLLM_CPU_OMP_THREADS_BIND": ",".join(str(c) for c in cores[i * per:(i + 1) * per])} for i in range(n)]
+    return [{"VLLM_CPU_OMP_THREADS_BIND": ",".join(str(c) for c in cores[i * per : (i + 1) * per])} for i in range(n)]
 
 
 def make_engine(config: EngineConfig) -> Engine:

@@ -3,7 +3,7 @@
 Why it exists: platforms without vLLM, and the reference in parity tests. It is slow (one prompt at a time, so that
 no padding token can be mistaken for a generated EOS: SmolLM2's pad id *is* its EOS id) but simple and exact.
 
-Logprobs come from `alp_agent.logprobs.logprobs_from_logits` applied to the *processed* scores `generate` sampled
+Logprobs come from `alp_agent.train.logprobs.logprobs_from_logits` applied to the *processed* scores `generate` sampled
 from (after temperature, top-k, top-p), so they mean what vLLM's `processed_logprobs` mean. Greedy decoding
 (temperature 0) reports logprobs at temperature 1.
 """
@@ -18,8 +18,8 @@ import torch
 from alp_agent.engine.base import Engine, Generation, SamplingConfig
 from alp_agent.engine.checks import check_logprobs
 from alp_agent.engine.config import EngineConfig
-from alp_agent.logprobs import logprobs_from_logits
 from alp_agent.models import load_tokenizer, resolve_model
+from alp_agent.train.logprobs import logprobs_from_logits
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": torch.float32}
 

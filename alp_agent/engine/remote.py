@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures as cf
+import contextlib
 import itertools
 import logging
 import multiprocessing as mp
@@ -106,10 +107,8 @@ def _serve(config: dict, env: dict[str, str], cmd, res) -> None:
                 break
     finally:
         engine.close()
-        try:
+        with contextlib.suppress(BrokenPipeError, OSError):
             send(("closed",))
-        except (BrokenPipeError, OSError):
-            pass
 
 
 # ---------------------------------------------------------------------------------------------- the parent side
@@ -131,8 +130,14 @@ class ProcessEngine(FutureEngine):
     several engines in parallel).
     """
 
-    def __init__(self, config: EngineConfig | None = None, env: Mapping[str, str] | None = None, wait: bool = True,
-                 start_timeout_s: float = 900.0, **overrides):
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        env: Mapping[str, str] | None = None,
+        wait: bool = True,
+        start_timeout_s: float = 900.0,
+        **overrides,
+    ):
         from alp_agent.models import resolve_model
 
         config = EngineConfig.model_validate({**(config or EngineConfig()).model_dump(), **overrides})
@@ -145,8 +150,9 @@ class ProcessEngine(FutureEngine):
         cmd_r, self._cmd = ctx.Pipe(duplex=False)
         self._res, res_w = ctx.Pipe(duplex=False)
         # not a daemon: vLLM with tensor_parallel_size > 1 starts worker processes of its own
-        self._proc = ctx.Process(target=_serve, args=(self.config.model_dump(), self.env, cmd_r, res_w),
-                                 name="alp-vllm-engine")
+        self._proc = ctx.Process(
+            target=_serve, args=(self.config.model_dump(), self.env, cmd_r, res_w), name="alp-vllm-engine"
+        )
         self._proc.start()
         cmd_r.close()
         res_w.close()
@@ -175,7 +181,9 @@ class ProcessEngine(FutureEngine):
             msg = self._res.recv()
         except (EOFError, OSError):
             self._proc.join(5)
-            raise EngineProcessError(f"vLLM engine process exited during start-up (code {self._proc.exitcode})") from None
+            raise EngineProcessError(
+                f"vLLM engine process exited during start-up (code {self._proc.exitcode})"
+            ) from None
         except EngineProcessError:
             self.close()
             raise
@@ -273,10 +281,8 @@ class ProcessEngine(FutureEngine):
             return
         self._closed = True
         _live.discard(self)
-        try:
+        with contextlib.suppress(EngineProcessError):
             self._send(("close",))
-        except EngineProcessError:
-            pass
         self._proc.join(30)
         if self._proc.is_alive():
             log.warning("vLLM engine process %s did not stop; terminating it", self.pid)

@@ -74,7 +74,7 @@ class SharedWeights:
 
     def views(self) -> dict[str, torch.Tensor]:
         """name -> view into the shared buffers (no copy)."""
-        return {s.name: self.buffers[s.dtype][s.offset:s.offset + s.numel].view(s.shape) for s in self.slots}
+        return {s.name: self.buffers[s.dtype][s.offset : s.offset + s.numel].view(s.shape) for s in self.slots}
 
     @property
     def nbytes(self) -> int:

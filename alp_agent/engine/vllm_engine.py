@@ -211,8 +211,10 @@ class VLLMEngine(FutureEngine):
         """
         # Cast floating weights to the engine's dtype here: vLLM would cast too, but warns once per tensor per sync.
         target = self.weight_dtype
-        items = [(k, v.detach().to(target) if target is not None and v.is_floating_point() else v.detach())
-                 for k, v in state_dict.items()]
+        items = [
+            (k, v.detach().to(target) if target is not None and v.is_floating_point() else v.detach())
+            for k, v in state_dict.items()
+        ]
 
         def load() -> None:
             def on_worker(worker) -> None:

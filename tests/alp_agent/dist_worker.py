@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from test_trainer import config, make_batch, tiny
 
-from alp_agent import distributed as D
 from alp_agent.algo.config import DistConfig
-from alp_agent.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from alp_agent.logprobs import sequence_logprobs
-from alp_agent.trainer import Trainer
+from alp_agent.train import distributed as D
+from alp_agent.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alp_agent.train.logprobs import sequence_logprobs
+from alp_agent.train.trainer import Trainer
 
 OUT = Path(".")  # set by main() from argv
 
@@ -59,12 +59,15 @@ def equivalence(name: str, strategy: str, algo: dict, batch_kw: dict | None = No
     cfg = config(algo=algo, update=update or {}, dist={"strategy": strategy})
     tr = Trainer(tiny(), cfg)
     grads = grad_recorder(tr)
-    res = lead(tr, lambda: {"metrics": tr.update(make_batch(tiny(), **(batch_kw or {}))),
-                            "weights": tr.policy_state_dict()})
+    res = lead(
+        tr, lambda: {"metrics": tr.update(make_batch(tiny(), **(batch_kw or {}))), "weights": tr.policy_state_dict()}
+    )
     local = [p.to_local() if hasattr(p, "to_local") else p for p in tr.model.parameters()]
     adam = [s["exp_avg"] for s in tr.optimizer.state.values()]
-    held = {"params": sum(p.numel() for p in local),
-            "adam": sum((t.to_local() if hasattr(t, "to_local") else t).numel() for t in adam)}
+    held = {
+        "params": sum(p.numel() for p in local),
+        "adam": sum((t.to_local() if hasattr(t, "to_local") else t).numel() for t in adam),
+    }
     save(name, {**res, "grads": grads, "step": tr.step, "batch": tr.batch, "held": held})
 
 
@@ -89,8 +92,16 @@ def alp_noise() -> None:
             noisy, _ = sequence_logprobs(tr.model, ids)
         tr.model.eval()
         clean, _ = sequence_logprobs(tr.model, ids)
-    save("alp_noise", {**res, "sigma_grads": sigma_grads, "log_sigma": tr.perturbation.log_sigma.detach().clone(),
-                       "noisy": noisy, "clean": clean})
+    save(
+        "alp_noise",
+        {
+            **res,
+            "sigma_grads": sigma_grads,
+            "log_sigma": tr.perturbation.log_sigma.detach().clone(),
+            "noisy": noisy,
+            "clean": clean,
+        },
+    )
 
 
 def activation_checkpointing() -> None:
@@ -169,7 +180,7 @@ class FakeRunner:
 
 def job(strategy: str) -> None:
     """`alp-agent train`'s job under torchrun (inference side faked on rank 0): 2 batches, then resume to 3."""
-    from alp_agent import job as J
+    from alp_agent.app import job as J
     from alp_agent.config import RunConfig
 
     model_dir = OUT / "model"
@@ -177,17 +188,38 @@ def job(strategy: str) -> None:
         tiny().save_pretrained(model_dir)
     D.barrier()
     engine = FakeEngine()
-    J.build_inference = lambda cfg: J.Components(cfg, None, engine, None, FakeRunner(), None,
-                                                 model_dir=str(model_dir), num_tasks=4)
+    J.build_inference = lambda cfg: J.Components(
+        cfg, None, engine, None, FakeRunner(), None, model_dir=str(model_dir), num_tasks=4
+    )
     trainer = config(dist={"strategy": strategy}).model_dump()
-    base = {"engine": {"model": str(model_dir)}, "trainer": trainer, "eval": {"num_tasks": 0},
-            "run": {"out_dir": str(OUT), "name": f"job_{strategy}", "prompts_per_batch": 2, "samples_per_prompt": 2,
-                    "sample_episodes": 0, "tensorboard": False, "checkpoint_every": 1}}
+    base = {
+        "engine": {"model": str(model_dir)},
+        "trainer": trainer,
+        "eval": {"num_tasks": 0},
+        "run": {
+            "out_dir": str(OUT),
+            "name": f"job_{strategy}",
+            "prompts_per_batch": 2,
+            "samples_per_prompt": 2,
+            "sample_episodes": 0,
+            "tensorboard": False,
+            "checkpoint_every": 1,
+        },
+    }
     first = J.train(RunConfig.model_validate({**base, "run": {**base["run"], "iterations": 2}}), progress=False)
-    again = J.train(RunConfig.model_validate({**base, "run": {**base["run"], "iterations": 3}}), resume=True,
-                    progress=False)
-    save(f"job_{strategy}", {"first": first, "again": again, "engine_loads": engine.loads,
-                 "engine_keys": sorted(engine.loaded), "model_keys": sorted(tiny().state_dict())})
+    again = J.train(
+        RunConfig.model_validate({**base, "run": {**base["run"], "iterations": 3}}), resume=True, progress=False
+    )
+    save(
+        f"job_{strategy}",
+        {
+            "first": first,
+            "again": again,
+            "engine_loads": engine.loads,
+            "engine_keys": sorted(engine.loaded),
+            "model_keys": sorted(tiny().state_dict()),
+        },
+    )
 
 
 def main() -> None:
@@ -198,8 +230,13 @@ def main() -> None:
     for strategy in ("ddp", "fsdp2"):
         equivalence(f"{strategy}_bypass", strategy, {"name": "bypass"})
         # 5 rows in mini-batches of 1, 2, 2 rows: a rank with no row, odd splits, unequal micro-batch counts
-        equivalence(f"{strategy}_uneven", strategy, {"name": "bypass"}, {"groups": 1, "n": 5},
-                    {"updates_per_batch": 3, "micro_batch_tokens": 16})
+        equivalence(
+            f"{strategy}_uneven",
+            strategy,
+            {"name": "bypass"},
+            {"groups": 1, "n": 5},
+            {"updates_per_batch": 3, "micro_batch_tokens": 16},
+        )
     # old logprobs and a (sharded) reference model: the no-grad forwards are split and gathered too
     equivalence("fsdp2_grpo_kl", "fsdp2", {"name": "grpo", "kl_coef": 1e-2})
     alp_noise()

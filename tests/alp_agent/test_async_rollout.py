@@ -14,13 +14,11 @@ import torch
 from test_trainer import tiny  # the same tiny Llama as the trainer tests
 
 from alp_agent.algo.config import TrainerConfig
-from alp_agent.loop import run_training
 from alp_agent.rollout.trajectory import Trajectory
-from alp_agent.trainer import Trainer
+from alp_agent.train.loop import run_training
+from alp_agent.train.trainer import Trainer
 
 PROMPT, LENGTH = 3, 6
-
-
 
 
 class CopyEngine:
@@ -64,14 +62,28 @@ class CopyEngine:
                 self.busy -= 1
                 end = self.version
         assert start == end == version, (start, end, version)  # the recorded version is the one that sampled
-        return [Trajectory(seq[:PROMPT], seq[PROMPT:], [1] * LENGTH, lp, reward=sum(x % 2 == 0 for x in seq[PROMPT:]) / LENGTH,
-                           group_id=row // n, policy_version=version)
-                for row, (seq, lp) in enumerate(zip(ids.tolist(), lps.tolist()))]
+        return [
+            Trajectory(
+                seq[:PROMPT],
+                seq[PROMPT:],
+                [1] * LENGTH,
+                lp,
+                reward=sum(x % 2 == 0 for x in seq[PROMPT:]) / LENGTH,
+                group_id=row // n,
+                policy_version=version,
+            )
+            for row, (seq, lp) in enumerate(zip(ids.tolist(), lps.tolist()))
+        ]
 
 
 def _train(batches: int, **kw) -> tuple[Trainer, CopyEngine, list[dict]]:
-    cfg = TrainerConfig.model_validate({"optim": {"lr": 1e-2}, "update": {"updates_per_batch": 2, "micro_batch_tokens": 512},
-                                        "algo": {"perturb": {"sigma0": 0.05, "sigma_lr": 0.05}}})
+    cfg = TrainerConfig.model_validate(
+        {
+            "optim": {"lr": 1e-2},
+            "update": {"updates_per_batch": 2, "micro_batch_tokens": 512},
+            "algo": {"perturb": {"sigma0": 0.05, "sigma_lr": 0.05}},
+        }
+    )
     tr = Trainer(tiny(1), cfg)
     eng = CopyEngine(tr)
     hist = run_training(tr, eng.rollout, eng, num_tasks=8, num_batches=batches, prompts_per_batch=8, n_per_task=8, **kw)
@@ -120,13 +132,25 @@ def test_cli_train_with_a_process_engine_and_async_rollout(tiny_model_dir, tmp_p
     import json
     from pathlib import Path
 
-    from alp_agent.cli import main
+    from alp_agent.app.cli import main
 
     repo = Path(__file__).resolve().parents[2]
-    args = [f"engine.model={tiny_model_dir}", f"run.out_dir={tmp_path}", "run.name=async", "run.prompts_per_batch=2",
-            "run.samples_per_prompt=2", "eval.num_tasks=2", "rollout.max_tokens_per_turn=16",
-            "engine.max_model_len=1024", "run.tensorboard=false", "trainer.update.updates_per_batch=2",
-            "engine.placement=process", "run.async_rollout=true", "run.iterations=2", "run.checkpoint_every=0"]
+    args = [
+        f"engine.model={tiny_model_dir}",
+        f"run.out_dir={tmp_path}",
+        "run.name=async",
+        "run.prompts_per_batch=2",
+        "run.samples_per_prompt=2",
+        "eval.num_tasks=2",
+        "rollout.max_tokens_per_turn=16",
+        "engine.max_model_len=1024",
+        "run.tensorboard=false",
+        "trainer.update.updates_per_batch=2",
+        "engine.placement=process",
+        "run.async_rollout=true",
+        "run.iterations=2",
+        "run.checkpoint_every=0",
+    ]
     assert main(["train", "-c", str(repo / "configs/quickstart.yaml"), "--quiet", *args]) == 0
     records = [json.loads(line) for line in (tmp_path / "async" / "metrics.jsonl").read_text().splitlines()]
     batches = [r for r in records if r["kind"] == "batch"]

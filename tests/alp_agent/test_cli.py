@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from alp_agent.cli import main
+from alp_agent.app.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
@@ -16,9 +16,16 @@ DATA = REPO.parent / "shared" / "data"
 
 def _small(tiny: str, out: Path, name: str = "smoke") -> list[str]:
     return [
-        f"engine.model={tiny}", f"run.out_dir={out}", f"run.name={name}", "run.prompts_per_batch=2",
-        "run.samples_per_prompt=2", "eval.num_tasks=2", "rollout.max_tokens_per_turn=16", "engine.max_model_len=1024",
-        "run.tensorboard=false", "trainer.update.updates_per_batch=2",
+        f"engine.model={tiny}",
+        f"run.out_dir={out}",
+        f"run.name={name}",
+        "run.prompts_per_batch=2",
+        "run.samples_per_prompt=2",
+        "eval.num_tasks=2",
+        "rollout.max_tokens_per_turn=16",
+        "engine.max_model_len=1024",
+        "run.tensorboard=false",
+        "trainer.update.updates_per_batch=2",
     ]
 
 
@@ -48,9 +55,9 @@ def test_config_errors_are_one_line(tmp_path, capsys):
 
 
 def test_every_shipped_config_validates():
+    from alp_agent.app.repro import load_plan
     from alp_agent.config import RunConfig
     from alp_agent.config_io import load_config, read_yaml_with_base
-    from alp_agent.repro import load_plan
 
     files = sorted((REPO / "configs").rglob("*.yaml"))
     assert files
@@ -80,8 +87,10 @@ def test_train_resume_export_report_eval(tiny_model_dir, tmp_path, capsys):
     assert main(["train", "-c", str(REPO / "configs/quickstart.yaml"), "--quiet", *args, "run.iterations=2"]) == 2
     capsys.readouterr()
     # resume continues from batch 1 to 2
-    assert main(["train", "-c", str(REPO / "configs/quickstart.yaml"), "--quiet", "--resume", *args,
-                 "run.iterations=2"]) == 0
+    assert (
+        main(["train", "-c", str(REPO / "configs/quickstart.yaml"), "--quiet", "--resume", *args, "run.iterations=2"])
+        == 0
+    )
     batches = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in batches if r["kind"] == "batch"] == [1, 2]
     steps = [r["step"] for r in batches if r["kind"] == "step"]
@@ -101,8 +110,28 @@ def test_train_resume_export_report_eval(tiny_model_dir, tmp_path, capsys):
 
     capsys.readouterr()
     evals = tmp_path / "evals"
-    assert main(["eval", "--model", str(run), "-b", "synthetic", "--limit", "3", "--k", "2", "--max-turns", "2",
-                 "--out", str(evals), "rollout.max_tokens_per_turn=16", "engine.max_model_len=1024"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(run),
+                "-b",
+                "synthetic",
+                "--limit",
+                "3",
+                "--k",
+                "2",
+                "--max-turns",
+                "2",
+                "--out",
+                str(evals),
+                "rollout.max_tokens_per_turn=16",
+                "engine.max_model_len=1024",
+            ]
+        )
+        == 0
+    )
     rows = json.loads((evals / "summary.json").read_text())
     assert rows[0]["problems"] == 3 and "pass@2" in rows[0] and 0.0 <= rows[0]["accuracy"] <= 1.0
     per_problem = (evals / "synthetic-k2-t1.jsonl").read_text().splitlines()
@@ -113,8 +142,21 @@ def test_train_resume_export_report_eval(tiny_model_dir, tmp_path, capsys):
 @pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data not present")
 def test_eval_gsm8k_resumes(tiny_model_dir, tmp_path):
     out = tmp_path / "ev"
-    common = ["eval", "--model", tiny_model_dir, "-b", "gsm8k", "--out", str(out), "--data-dir", str(DATA),
-              "--max-turns", "1", "rollout.max_tokens_per_turn=8", "engine.max_model_len=1024"]
+    common = [
+        "eval",
+        "--model",
+        tiny_model_dir,
+        "-b",
+        "gsm8k",
+        "--out",
+        str(out),
+        "--data-dir",
+        str(DATA),
+        "--max-turns",
+        "1",
+        "rollout.max_tokens_per_turn=8",
+        "engine.max_model_len=1024",
+    ]
     assert main([*common, "--limit", "2"]) == 0
     path = out / "gsm8k-k1-t0.jsonl"
     first = path.read_text().splitlines()
@@ -148,8 +190,19 @@ def test_ctrl_c_checkpoints_and_exits_cleanly(tiny_model_dir, tmp_path):
     import time
 
     args = _small(tiny_model_dir, tmp_path, "interrupt")
-    cmd = [sys.executable, "-m", "alp_agent.cli", "train", "-c", str(REPO / "configs/quickstart.yaml"), "--quiet",
-           *args, "run.iterations=1000", "run.checkpoint_every=0", "eval.num_tasks=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "alp_agent.app.cli",
+        "train",
+        "-c",
+        str(REPO / "configs/quickstart.yaml"),
+        "--quiet",
+        *args,
+        "run.iterations=1000",
+        "run.checkpoint_every=0",
+        "eval.num_tasks=0",
+    ]
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     metrics = tmp_path / "interrupt" / "metrics.jsonl"
@@ -165,7 +218,7 @@ def test_ctrl_c_checkpoints_and_exits_cleanly(tiny_model_dir, tmp_path):
     assert "interrupted: checkpoint written" in out
     summary = json.loads((tmp_path / "interrupt" / "summary.json").read_text())
     assert summary["interrupted"] is True and summary["batches"] >= 1
-    from alp_agent.checkpoint import latest_checkpoint
+    from alp_agent.train.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(tmp_path / "interrupt" / "checkpoints")
     assert ckpt is not None and ckpt.name == f"step_{summary['batches']:06d}"  # a whole batch, never half of one
@@ -177,9 +230,30 @@ def test_ctrl_c_checkpoints_and_exits_cleanly(tiny_model_dir, tmp_path):
 def test_smollm2_short_gsm8k_eval_reports_sane_numbers(tmp_path):
     """The embedded SmolLM2 on a few GSM8K problems with the tool: completes, numbers in range (accuracy not asserted)."""
     out = tmp_path / "ev"
-    assert main(["eval", "--model", "smollm2", "-b", "gsm8k", "--limit", "4", "--k", "2", "--max-turns", "2",
-                 "--out", str(out), "--data-dir", str(DATA), "rollout.max_tokens_per_turn=96",
-                 "engine.max_model_len=2048"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "smollm2",
+                "-b",
+                "gsm8k",
+                "--limit",
+                "4",
+                "--k",
+                "2",
+                "--max-turns",
+                "2",
+                "--out",
+                str(out),
+                "--data-dir",
+                str(DATA),
+                "rollout.max_tokens_per_turn=96",
+                "engine.max_model_len=2048",
+            ]
+        )
+        == 0
+    )
     (row,) = json.loads((out / "summary.json").read_text())
     assert row["problems"] == 4 and row["samples"] == 8
     for k in ("accuracy", "pass@1", "pass@2", "tool_error_rate", "answer_missing_rate"):

@@ -18,14 +18,14 @@ import torch
 from dist_worker import grad_recorder
 from test_trainer import config, make_batch, tiny
 
-from alp_agent.checkpoint import (
+from alp_agent.train.checkpoint import (
     export_hf,
     latest_checkpoint,
     load_checkpoint,
     load_policy_weights,
     save_checkpoint,
 )
-from alp_agent.trainer import Trainer, split_rows
+from alp_agent.train.trainer import Trainer, split_rows
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 
@@ -34,8 +34,16 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
-           str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(WORKER),
+        str(out),
+    ]
     try:
         p = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired as e:  # a collective that never pairs up: fail, do not block CI
@@ -145,7 +153,7 @@ def test_sharded_checkpoint_loads_in_one_process_and_exports(runs, tmp_path):
 
 
 def test_split_rows_balances_tokens_and_covers_every_row():
-    from alp_agent.trainer import _Row
+    from alp_agent.train.trainer import _Row
 
     rows = [_Row(list(range(n)), [1.0] * n, [0.0] * n, 0.0, 1.0) for n in (9, 3, 8, 2, 7, 1, 5)]
     parts = [split_rows(rows, 3, r) for r in range(3)]

@@ -10,7 +10,7 @@ import torch
 
 from alp_agent.engine.base import SamplingConfig
 from alp_agent.engine.checks import NonFiniteLogprobsError
-from alp_agent.logprobs import sequence_logprobs
+from alp_agent.train.logprobs import sequence_logprobs
 
 
 @pytest.fixture(scope="module")

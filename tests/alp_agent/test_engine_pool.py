@@ -25,15 +25,21 @@ PROMPTS = [[1, 4093, 198, 1780, 314, 216, 34, 27, 35, 47, 2, 198], list(range(10
 def test_engine_envs_split_gpus_and_cores():
     two = EngineConfig(num_engines=2, placement="process")
     assert engine_envs(two, cuda=False, cores=[0, 1, 2, 3, 4]) == [
-        {"VLLM_CPU_OMP_THREADS_BIND": "0,1"}, {"VLLM_CPU_OMP_THREADS_BIND": "2,3"}]
+        {"VLLM_CPU_OMP_THREADS_BIND": "0,1"},
+        {"VLLM_CPU_OMP_THREADS_BIND": "2,3"},
+    ]
     assert engine_envs(two, cuda=False, cores=[0]) == [{}, {}]  # fewer cores than engines: all share
     assert engine_envs(two.model_copy(update={"cpu_threads_bind": "0"}), cuda=False, cores=[0, 1]) == [{}, {}]
     assert engine_envs(two, cuda=True, gpus=["0", "1", "2", "3"]) == [
-        {"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+        {"CUDA_VISIBLE_DEVICES": "0"},
+        {"CUDA_VISIBLE_DEVICES": "1"},
+    ]
     # engines on the last four of eight GPUs, two GPUs each; the parent's CUDA_VISIBLE_DEVICES maps the indices
     tp = EngineConfig(num_engines=2, placement="process", tensor_parallel_size=2, devices=[4, 5, 6, 7])
     assert engine_envs(tp, cuda=True, gpus=[str(g) for g in range(10, 18)]) == [
-        {"CUDA_VISIBLE_DEVICES": "14,15"}, {"CUDA_VISIBLE_DEVICES": "16,17"}]
+        {"CUDA_VISIBLE_DEVICES": "14,15"},
+        {"CUDA_VISIBLE_DEVICES": "16,17"},
+    ]
     assert engine_envs(EngineConfig(placement="process"), cuda=True, gpus=["0"]) == [{}]  # shares the GPU
     with pytest.raises(ValueError, match="needs 2 of the 1 visible"):
         engine_envs(two, cuda=True, gpus=["0"])
@@ -65,8 +71,11 @@ def pool(tiny_model_dir):
     """Two process engines (one core each on a 2-core machine) behind an EnginePool, group routing."""
     from alp_agent.engine.factory import make_engine
 
-    eng = make_engine(EngineConfig(model=tiny_model_dir, dtype="float32", max_model_len=512, placement="process",
-                                   num_engines=2, seed=0))
+    eng = make_engine(
+        EngineConfig(
+            model=tiny_model_dir, dtype="float32", max_model_len=512, placement="process", num_engines=2, seed=0
+        )
+    )
     yield eng
     eng.close()
 
@@ -196,27 +205,43 @@ def test_async_training_on_the_pool_records_the_true_version(pool, tiny_model_di
     """Async rollout on two vLLM processes: every trajectory's logprobs are those of the trainer's weights at the
     version it records (and not of the next one), staleness is [0, 1, 1], and the pool ends with the final weights."""
     from alp_agent.algo.config import TrainerConfig
-    from alp_agent.logprobs import sequence_logprobs
-    from alp_agent.loop import LoopHooks, run_training
     from alp_agent.models import load_model
     from alp_agent.rollout.config import RolloutConfig
     from alp_agent.rollout.runner import RolloutRunner
-    from alp_agent.trainer import Trainer
+    from alp_agent.train.logprobs import sequence_logprobs
+    from alp_agent.train.loop import LoopHooks, run_training
+    from alp_agent.train.trainer import Trainer
 
     model = load_model(tiny_model_dir)
     cfg = TrainerConfig.model_validate({"optim": {"lr": 5e-2}, "update": {"updates_per_batch": 1}})
     trainer = Trainer(model, cfg)
     snapshots = {0: {k: v.clone() for k, v in model.state_dict().items()}}
     sampled: list = []
-    hooks = LoopHooks(after_rollout=lambda b, trajs: sampled.extend(trajs),
-                      after_batch=lambda b, m: snapshots.__setitem__(
-                          trainer.policy_version, {k: v.clone() for k, v in model.state_dict().items()}))
-    runner = RolloutRunner(pool, tiny_tokenizer, _OneTurnEnv,
-                           RolloutConfig(max_tokens_per_turn=8, max_turns=1, seed=0, temperature=1.0,
-                                                         on_turn_limit="continue"))
+    hooks = LoopHooks(
+        after_rollout=lambda b, trajs: sampled.extend(trajs),
+        after_batch=lambda b, m: snapshots.__setitem__(
+            trainer.policy_version, {k: v.clone() for k, v in model.state_dict().items()}
+        ),
+    )
+    runner = RolloutRunner(
+        pool,
+        tiny_tokenizer,
+        _OneTurnEnv,
+        RolloutConfig(max_tokens_per_turn=8, max_turns=1, seed=0, temperature=1.0, on_turn_limit="continue"),
+    )
     try:
-        hist = run_training(trainer, runner.run, pool, num_tasks=4, num_batches=3, prompts_per_batch=2, n_per_task=4,
-                            async_rollout=True, max_staleness=1, hooks=hooks)
+        hist = run_training(
+            trainer,
+            runner.run,
+            pool,
+            num_tasks=4,
+            num_batches=3,
+            prompts_per_batch=2,
+            n_per_task=4,
+            async_rollout=True,
+            max_staleness=1,
+            hooks=hooks,
+        )
         assert [h["staleness/max"] for h in hist] == [0, 1, 1]
         assert sorted({t.policy_version for t in sampled}) == [0, 1]
         check = load_model(tiny_model_dir).eval()
@@ -225,7 +250,7 @@ def test_async_training_on_the_pool_records_the_true_version(pool, tiny_model_di
             check.load_state_dict(snapshots[version])
             with torch.no_grad():
                 lp, _ = sequence_logprobs(check, torch.tensor([t.ids]))
-            return lp[0, len(t.prompt_ids):]
+            return lp[0, len(t.prompt_ids) :]
 
         for t in sampled:
             infer = torch.tensor(t.infer_logprobs)
@@ -240,7 +265,7 @@ def test_async_training_on_the_pool_records_the_true_version(pool, tiny_model_di
             check.load_state_dict(snapshots[3])
             with torch.no_grad():
                 lp, _ = sequence_logprobs(check, torch.tensor([prompt + g.token_ids]))
-            assert torch.allclose(lp[0, len(prompt):], torch.tensor(g.logprobs), atol=1e-3)
+            assert torch.allclose(lp[0, len(prompt) :], torch.tensor(g.logprobs), atol=1e-3)
     finally:
         runner.close()
         pool.load_weights(hf_state)

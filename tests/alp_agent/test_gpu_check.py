@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alp_agent.gpu_check import QWEN25_05B, main, param_count
+from alp_agent.app.gpu_check import QWEN25_05B, main, param_count
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,8 +29,13 @@ def test_param_count_matches_transformers():
 
 
 def test_script_dry_run_validates_config_and_plan(tmp_path):
-    proc = subprocess.run(["bash", str(REPO / "scripts/gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
-                          check=False, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts/gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "qwen2.5-0.5b (402 M params" in proc.stdout and "DRY RUN OK" in proc.stdout
     assert not any(tmp_path.iterdir())  # a dry run builds and starts nothing
@@ -50,8 +55,16 @@ def test_without_gpu_it_fails_fast_and_says_why(tmp_path, capsys):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_the_check_passes_on_cpu_with_the_tiny_model(tmp_path):
-    args = ["--size", "tiny", "--allow-cpu", "--out", str(tmp_path), "run.iterations=2", "run.prompts_per_batch=4",
-            "rollout.max_tokens_per_turn=24"]
+    args = [
+        "--size",
+        "tiny",
+        "--allow-cpu",
+        "--out",
+        str(tmp_path),
+        "run.iterations=2",
+        "run.prompts_per_batch=4",
+        "rollout.max_tokens_per_turn=24",
+    ]
     assert main(args) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["pass"] and all(res["checks"].values())

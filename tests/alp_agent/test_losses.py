@@ -126,8 +126,14 @@ def test_kl_estimators():
 # ------------------------------------------------------------------ every algorithm through policy_loss
 def _resolved(name, **kw):
     a = AlgoConfig(name=name, **kw)
-    return {"level": a.level, "eps_low": a.eps_low, "eps_high": a.eps_high, "dual_clip": a.dual_clip,
-                "is_level": a.is_level, "is_threshold": a.is_threshold}
+    return {
+        "level": a.level,
+        "eps_low": a.eps_low,
+        "eps_high": a.eps_high,
+        "dual_clip": a.dual_clip,
+        "is_level": a.is_level,
+        "is_threshold": a.is_threshold,
+    }
 
 
 def test_policy_loss_every_algorithm_by_hand():

@@ -15,11 +15,21 @@ from alp_agent.algo.perturb import (
     noise_seed,
     select_layers,
 )
-from alp_agent.logprobs import sequence_logprobs
+from alp_agent.train.logprobs import sequence_logprobs
 
-SMALL = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "max_position_embeddings": 64, "head_dim": 8,
-             "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+SMALL = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "head_dim": 8,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 
 
 def tiny(arch: str = "Llama", **kw) -> nn.Module:
@@ -56,8 +66,9 @@ def test_noise_enters_layer_input_before_norm():
     p = LayerPerturbation(model, layers="1:2", sigma0=0.1, seed=3)
     seen = {}
     layer1 = find_decoder_layers(model)[1]
-    layer1.register_forward_pre_hook(lambda m, a, k: seen.update(inp=a[0] if a else k["hidden_states"]),
-                                      with_kwargs=True)
+    layer1.register_forward_pre_hook(
+        lambda m, a, k: seen.update(inp=a[0] if a else k["hidden_states"]), with_kwargs=True
+    )
     h_clean = {}
     find_decoder_layers(model)[0].register_forward_hook(lambda m, a, o: h_clean.update(out=o))
     model.train()

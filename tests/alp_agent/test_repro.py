@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from alp_agent.cli import main
+from alp_agent.app.cli import main
+from alp_agent.app.repro import execute, load_plan, plan_runs, summarize_run, write_results
 from alp_agent.config_io import ConfigError
-from alp_agent.logging import MetricsWriter
-from alp_agent.repro import execute, load_plan, plan_runs, summarize_run, write_results
+from alp_agent.train.logging import MetricsWriter
 
 REPO = Path(__file__).resolve().parents[2]
 PLANS = REPO / "configs" / "repro"
@@ -34,12 +34,16 @@ def test_shipped_plans_expand_into_distinct_valid_runs(tmp_path):
 
 def test_plan_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(f"config: {PLANS / 'base.yaml'}\narms: {{a: {{trainer.algo.name: alp}}}}\n"
-                   "settings: {s: {}}\ngroups: [{name: g, arms: [b], settings: [s]}]\n")
+    bad.write_text(
+        f"config: {PLANS / 'base.yaml'}\narms: {{a: {{trainer.algo.name: alp}}}}\n"
+        "settings: {s: {}}\ngroups: [{name: g, arms: [b], settings: [s]}]\n"
+    )
     with pytest.raises(ConfigError, match="unknown arm 'b'"):
         load_plan(bad)
-    bad.write_text(f"config: {PLANS / 'base.yaml'}\narms: {{a: {{trainer.algo.nmae: alp}}}}\n"
-                   "settings: {s: {}}\ngroups: [{name: g, arms: [a], settings: [s]}]\n")
+    bad.write_text(
+        f"config: {PLANS / 'base.yaml'}\narms: {{a: {{trainer.algo.nmae: alp}}}}\n"
+        "settings: {s: {}}\ngroups: [{name: g, arms: [a], settings: [s]}]\n"
+    )
     plan, cfg = load_plan(bad)
     with pytest.raises(ConfigError, match="arm 'a'.*trainer.algo.nmae"):
         execute(plan, cfg, tmp_path / "out", dry_run=True, log=lambda *_: None)
@@ -49,16 +53,33 @@ def _fake_run(run_dir: Path, kl: list[float], acc: list[float], steps_per_batch:
     w = MetricsWriter(run_dir, tensorboard=False)
     w.write("eval", 0, {"accuracy": acc[0]})
     for i, k in enumerate(kl, 1):
-        w.write("step", i, {"kl_train_infer/clean/k3": k, "ratio_token_vs_infer/p99_9": 1.0 + k,
-                            "ratio_token_vs_infer/max": 2.0 + k, "entropy": 0.5 + i})
+        w.write(
+            "step",
+            i,
+            {
+                "kl_train_infer/clean/k3": k,
+                "ratio_token_vs_infer/p99_9": 1.0 + k,
+                "ratio_token_vs_infer/max": 2.0 + k,
+                "entropy": 0.5 + i,
+            },
+        )
         if i % steps_per_batch == 0:
             b = i // steps_per_batch
-            w.write("batch", b, {"reward/mean": 0.1 * b, "ratio_seq_vs_infer/p2": 0.5, "ratio_seq_vs_infer/p98": 1.0 + b,
-                                 "skipped_steps_total": 1.0})
+            w.write(
+                "batch",
+                b,
+                {
+                    "reward/mean": 0.1 * b,
+                    "ratio_seq_vs_infer/p2": 0.5,
+                    "ratio_seq_vs_infer/p98": 1.0 + b,
+                    "skipped_steps_total": 1.0,
+                },
+            )
             w.write("eval", b, {"accuracy": acc[b]})
     w.close()
-    (run_dir / "summary.json").write_text(json.dumps({"batches": len(kl) // steps_per_batch, "interrupted": False,
-                                                      "accuracy_after": acc[-1]}))
+    (run_dir / "summary.json").write_text(
+        json.dumps({"batches": len(kl) // steps_per_batch, "interrupted": False, "accuracy_after": acc[-1]})
+    )
 
 
 def test_summary_numbers_and_table(tmp_path):
@@ -92,9 +113,17 @@ def test_repro_end_to_end_on_tiny_model_keeps_finished_runs(tiny_model_dir, tmp_
         f"config: {PLANS / 'base.yaml'}\nout_dir: {tmp_path / 'out'}\n"
         "arms: {seq_alp: {trainer.algo.name: alp}, grpo: {trainer.algo.name: grpo}}\n"
         "settings: {stale2: {trainer.update.updates_per_batch: 2}}\n"
-        "groups: [{name: main, arms: [seq_alp, grpo], settings: [stale2]}]\n")
-    small = [f"engine.model={tiny_model_dir}", "run.iterations=1", "run.prompts_per_batch=2", "run.samples_per_prompt=2",
-             "eval.num_tasks=2", "rollout.max_tokens_per_turn=16", "engine.max_model_len=1024"]
+        "groups: [{name: main, arms: [seq_alp, grpo], settings: [stale2]}]\n"
+    )
+    small = [
+        f"engine.model={tiny_model_dir}",
+        "run.iterations=1",
+        "run.prompts_per_batch=2",
+        "run.samples_per_prompt=2",
+        "eval.num_tasks=2",
+        "rollout.max_tokens_per_turn=16",
+        "engine.max_model_len=1024",
+    ]
     assert main(["repro", "-c", str(plan), *small]) == 0
     out = tmp_path / "out"
     for name in ("stale2_seq_alp_s0", "stale2_grpo_s0"):

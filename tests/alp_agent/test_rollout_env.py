@@ -67,7 +67,10 @@ def test_rollout_on_math_tool_env(sandbox, tiny_tokenizer):
     if len(picked) < 2:
         pytest.skip("no plain arithmetic synthetic tasks to script")
     exprs = {tasks[i].prompt: e for i, e in picked}
-    env_fn = lambda: gym.make("alp/MathTool-v0", sandbox=sandbox, dataset={"name": "synthetic", "level": 1})
+
+    def env_fn():
+        return gym.make("alp/MathTool-v0", sandbox=sandbox, dataset={"name": "synthetic", "level": 1})
+
     runner = RolloutRunner(CodeThenAnswer(tiny_tokenizer, exprs), tiny_tokenizer, env_fn, RolloutConfig(seed=0))
     trajs = runner.run([i for i, _ in picked], n_per_task=2)
     chat = ChatTemplate(tiny_tokenizer)
@@ -81,7 +84,7 @@ def test_rollout_on_math_tool_env(sandbox, tiny_tokenizer):
         assert env_info["correct"] is True and env_info["end_reason"] == "answer"
         assert env_info["reference_answer"] == tasks[t.info["task_index"]].answer
         json.dumps(t.to_dict())  # trajectories (with env info) serialise for samples.jsonl
-    from alp_agent.eval import aggregate, problem_records
+    from alp_agent.app.eval import aggregate, problem_records
 
     m = aggregate(problem_records(trajs))
     assert m["accuracy"] == 1.0 and m["answer_missing_rate"] == 0.0 and m["pass@2"] == 1.0

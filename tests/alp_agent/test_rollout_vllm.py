@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from alp_agent.engine.base import Engine, SamplingConfig
-from alp_agent.logprobs import sequence_logprobs
 from alp_agent.rollout.chat import ChatTemplate
 from alp_agent.rollout.config import RolloutConfig
 from alp_agent.rollout.runner import RolloutRunner
+from alp_agent.train.logprobs import sequence_logprobs
 
 pytestmark = pytest.mark.vllm
 

@@ -8,21 +8,31 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from alp_agent.algo.config import TrainerConfig
-from alp_agent.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from alp_agent.logging import MetricsWriter
-from alp_agent.logprobs import sequence_logprobs
-from alp_agent.loop import run_training
 from alp_agent.rollout.trajectory import Trajectory
-from alp_agent.trainer import Trainer, micro_batches
+from alp_agent.train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from alp_agent.train.logging import MetricsWriter
+from alp_agent.train.logprobs import sequence_logprobs
+from alp_agent.train.loop import run_training
+from alp_agent.train.trainer import Trainer, micro_batches
 
 VOCAB = 64
 
 
 def tiny(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg).float()
 
 
@@ -43,14 +53,17 @@ def make_batch(model, groups: int = 4, n: int = 4, seed: int = 0, mismatch: floa
     with torch.no_grad():
         for t in out:
             lp, _ = sequence_logprobs(model, torch.tensor([t.ids]))
-            lp = lp[0, len(t.prompt_ids):] + mismatch * torch.randn(len(t.completion_ids), generator=g)
+            lp = lp[0, len(t.prompt_ids) :] + mismatch * torch.randn(len(t.completion_ids), generator=g)
             t.infer_logprobs = [float(x) if m else 0.0 for x, m in zip(lp, t.loss_mask)]
     return out
 
 
 def config(**kw) -> TrainerConfig:
-    base = {"optim": {"lr": 1e-3}, "update": {"micro_batch_tokens": 64, "updates_per_batch": 2},
-            "algo": {"perturb": {"sigma0": 0.05, "sigma_lr": 0.05}}}
+    base = {
+        "optim": {"lr": 1e-3},
+        "update": {"micro_batch_tokens": 64, "updates_per_batch": 2},
+        "algo": {"perturb": {"sigma0": 0.05, "sigma_lr": 0.05}},
+    }
     for k, v in kw.items():
         base.setdefault(k, {}).update(v) if isinstance(v, dict) else base.__setitem__(k, v)
     return TrainerConfig.model_validate(base)
@@ -112,7 +125,7 @@ def test_micro_batching_equals_one_big_batch():
 
 
 def test_micro_batches_bucket_by_length_and_budget():
-    from alp_agent.trainer import _Row
+    from alp_agent.train.trainer import _Row
 
     rows = [_Row(list(range(n)), [1.0] * n, [0.0] * n, 0.0, 1.0) for n in (5, 20, 6, 19, 7)]
     mbs = micro_batches(rows, token_budget=40, max_rows=8)
@@ -121,20 +134,23 @@ def test_micro_batches_bucket_by_length_and_budget():
 
 
 # ------------------------------------------------------------------ every algorithm end to end
-@pytest.mark.parametrize("algo", [
-    {"name": "alp"},
-    {"name": "alp", "ratio_level": "token"},
-    {"name": "alp", "ratio_level": "geo_sequence", "loss_agg": "seq_mean"},
-    {"name": "alp", "perturb": {"layers": "early"}},
-    {"name": "alp", "perturb": {"target": "logits"}},
-    {"name": "alp", "perturb": {"scale_aware": True, "learnable": False}},
-    {"name": "alp", "perturb": {"sigma_penalty_alpha": 1e-3, "sigma_penalty_beta": 1e-3}},
-    {"name": "bypass", "kl_coef": 1e-3, "entropy_coef": 1e-3},
-    {"name": "grpo", "advantage": "rloo"},
-    {"name": "tis", "is_level": "sequence"},
-    {"name": "mis", "is_threshold": 1.05},
-    {"name": "gspo"},
-])
+@pytest.mark.parametrize(
+    "algo",
+    [
+        {"name": "alp"},
+        {"name": "alp", "ratio_level": "token"},
+        {"name": "alp", "ratio_level": "geo_sequence", "loss_agg": "seq_mean"},
+        {"name": "alp", "perturb": {"layers": "early"}},
+        {"name": "alp", "perturb": {"target": "logits"}},
+        {"name": "alp", "perturb": {"scale_aware": True, "learnable": False}},
+        {"name": "alp", "perturb": {"sigma_penalty_alpha": 1e-3, "sigma_penalty_beta": 1e-3}},
+        {"name": "bypass", "kl_coef": 1e-3, "entropy_coef": 1e-3},
+        {"name": "grpo", "advantage": "rloo"},
+        {"name": "tis", "is_level": "sequence"},
+        {"name": "mis", "is_threshold": 1.05},
+        {"name": "gspo"},
+    ],
+)
 def test_every_algorithm_trains(algo):
     m = tiny()
     before = flat(m)
@@ -213,9 +229,18 @@ def test_export_loads_in_transformers(tmp_path):
 
 def test_export_bf16_with_tied_embeddings(tmp_path):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+    )
     m = LlamaForCausalLM(cfg).float()
     Trainer(m, config()).update(make_batch(m))
     out = export_hf(m, tmp_path / "export", dtype=torch.bfloat16)
@@ -236,9 +261,19 @@ def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
     kinds = [r["kind"] for r in recs]
     assert kinds.count("step") == 2 and kinds.count("batch") == 1
     step = recs[0]
-    for k in ("ratio_token_vs_infer/p99_9", "ratio_seq_vs_infer/p50", "clip_frac/dual", "kl_train_infer/noisy/k3",
-              "kl_train_infer/clean/k1", "kl_noise/k3", "entropy", "sigma/layer_0", "sigma_grad/layer_2",
-              "grad_norm", "time/step"):
+    for k in (
+        "ratio_token_vs_infer/p99_9",
+        "ratio_seq_vs_infer/p50",
+        "clip_frac/dual",
+        "kl_train_infer/noisy/k3",
+        "kl_train_infer/clean/k1",
+        "kl_noise/k3",
+        "entropy",
+        "sigma/layer_0",
+        "sigma_grad/layer_2",
+        "grad_norm",
+        "time/step",
+    ):
         assert k in step, k
     assert any(p.name.startswith("events") for p in (tmp_path / "tb").iterdir())
 
@@ -305,12 +340,30 @@ def test_short_real_loop_raises_reward(tmp_path):
         out = []
         for row, (seq, lp) in enumerate(zip(ids.tolist(), lps.tolist())):
             comp = seq[3:]
-            out.append(Trajectory(seq[:3], comp, [1] * L, lp, reward=sum(x % 2 == 0 for x in comp) / L,
-                                  group_id=row // n, policy_version=version))
+            out.append(
+                Trajectory(
+                    seq[:3],
+                    comp,
+                    [1] * L,
+                    lp,
+                    reward=sum(x % 2 == 0 for x in comp) / L,
+                    group_id=row // n,
+                    policy_version=version,
+                )
+            )
         return out
 
-    hist = run_training(tr, rollout, engine=FakeEngine(), num_tasks=8, num_batches=15, prompts_per_batch=8,
-                        n_per_task=8, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=5)
+    hist = run_training(
+        tr,
+        rollout,
+        engine=FakeEngine(),
+        num_tasks=8,
+        num_batches=15,
+        prompts_per_batch=8,
+        n_per_task=8,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        checkpoint_every=5,
+    )
     writer.close()
     first = sum(h["reward/mean"] for h in hist[:2]) / 2
     last = sum(h["reward/mean"] for h in hist[-2:]) / 2
@@ -338,7 +391,7 @@ def test_export_loads_in_vllm_with_same_logprobs(tmp_path, tiny_model_dir):
         eng.close()
     m.eval()
     lp, _ = sequence_logprobs(m, torch.tensor([prompt + g.token_ids]))
-    ours = lp[0, len(prompt):]
+    ours = lp[0, len(prompt) :]
     assert torch.allclose(ours, torch.tensor(g.logprobs), atol=1e-3), (ours, g.logprobs)
 
 
@@ -360,7 +413,7 @@ def test_sync_weights_into_vllm_in_place(tiny_model_dir):
         eng.close()
     m.eval()
     lp, _ = sequence_logprobs(m, torch.tensor([prompt + g.token_ids]))
-    assert torch.allclose(lp[0, len(prompt):], torch.tensor(g.logprobs), atol=1e-3)
+    assert torch.allclose(lp[0, len(prompt) :], torch.tensor(g.logprobs), atol=1e-3)
 
 
 def test_logprobs_from_start_equal_full_forward_after_start():

@@ -14,8 +14,13 @@ from typing import Any
 
 
 class MetricsWriter:
-    def __init__(self, log_dir: str | Path | None, tensorboard: bool = True, wandb_project: str | None = None,
-                 run_config: dict | None = None) -> None:
+    def __init__(
+        self,
+        log_dir: str | Path | None,
+        tensorboard: bool = True,
+        wandb_project: str | None = None,
+        run_config: dict | None = None,
+    ) -> None:
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self._jsonl = None
         self._tb = None
@@ -30,8 +35,9 @@ class MetricsWriter:
         if wandb_project:
             import wandb  # optional dependency: pip install alp-agent[wandb]
 
-            self._wandb = wandb.init(project=wandb_project, config=run_config or {},
-                                     dir=str(self.log_dir) if self.log_dir else None)
+            self._wandb = wandb.init(
+                project=wandb_project, config=run_config or {}, dir=str(self.log_dir) if self.log_dir else None
+            )
 
     def write(self, kind: str, step: int, metrics: dict[str, Any]) -> None:
         rec = {"kind": kind, "step": int(step), "time": time.time()}
@@ -43,8 +49,11 @@ class MetricsWriter:
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(rec) + "\n")
             self._jsonl.flush()
-        scalars = {k: float(v) for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+        scalars = {
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+        }
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(f"{kind}/{k}", v, step)

@@ -77,16 +77,26 @@ def init_distributed(cfg: DistConfig) -> bool:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(resolve_backend(cfg.backend, device),
-                                timeout=datetime.timedelta(seconds=cfg.timeout_s))
+        dist.init_process_group(resolve_backend(cfg.backend, device), timeout=datetime.timedelta(seconds=cfg.timeout_s))
         atexit.register(shutdown)  # leave the group cleanly however the job ends
     if _COMMAND_GROUP is None:
         _COMMAND_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.command_timeout_s))
     return is_distributed()
 
 
-_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                  "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_LAUNCHER_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 @contextlib.contextmanager
@@ -129,8 +139,9 @@ def wrap_policy(model: nn.Module, cfg: DistConfig) -> nn.Module:
 
         dev = next(model.parameters()).device
         # buffers (rotary tables) are identical on every rank: no per-forward broadcast
-        return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                       forward_sync_buffers=False)
+        return DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None, forward_sync_buffers=False
+        )
     if cfg.strategy == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 

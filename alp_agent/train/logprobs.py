@@ -10,7 +10,10 @@ import torch
 
 
 def logprobs_from_logits(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
     entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of `targets` under `logits` (..., V), computed in float32.
@@ -53,8 +56,13 @@ def sequence_logprobs(
     """
     T = input_ids.shape[1]
     start = max(1, min(int(start), T))
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                logits_to_keep=T - start + 1)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        logits_to_keep=T - start + 1,
+    )
     logits = out.logits[:, :-1]
     logp, ent = logprobs_from_logits(logits, input_ids[:, start:], temperature, with_entropy, entropy_grad)
     zeros = logp.new_zeros(logp.shape[0], start)

@@ -30,7 +30,7 @@ NO_TOOL_SYSTEM_PROMPT = (
 def default_data_dir() -> str | None:
     if os.environ.get("ALP_DATA_DIR"):
         return os.environ["ALP_DATA_DIR"]
-    guess = Path(__file__).resolve().parents[2] / "shared" / "data"
+    guess = Path(__file__).resolve().parents[3] / "shared" / "data"
     return str(guess) if guess.is_dir() else None
 
 
@@ -52,7 +52,7 @@ def resolve_eval_model(spec: str) -> str:
     if (run / "config.yaml").is_file() and (run / "checkpoints").is_dir():
         export = run / "export"
         if not (export / "config.json").is_file():
-            from alp_agent.cli import cmd_export
+            from alp_agent.app.cli import cmd_export
 
             cmd_export(argparse.Namespace(run_dir=str(run), checkpoint=None, out=str(export), dtype="float32"))
         return str(export)
@@ -62,9 +62,9 @@ def resolve_eval_model(spec: str) -> str:
 def run_eval_command(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from alp_agent.cli import _load_run_config
-    from alp_agent.eval import aggregate, problem_records
-    from alp_agent.job import build_inference
+    from alp_agent.app.cli import _load_run_config
+    from alp_agent.app.eval import aggregate, problem_records
+    from alp_agent.app.job import build_inference
 
     model = resolve_eval_model(args.model)
     temperature = args.temperature if args.temperature is not None else (0.0 if args.k == 1 else 1.0)
@@ -74,17 +74,23 @@ def run_eval_command(args: argparse.Namespace) -> int:
     rows = []
     for bench in args.benchmark:
         dataset = dataset_for(bench, data_dir)
-        over = [f"engine.model={model}", f"eval.temperature={temperature}", f"eval.max_turns={args.max_turns}",
-                *args.overrides]
+        over = [
+            f"engine.model={model}",
+            f"eval.temperature={temperature}",
+            f"eval.max_turns={args.max_turns}",
+            *args.overrides,
+        ]
         cfg = _load_run_config(args.config, over)
         env_kwargs = {"dataset": dataset, "max_turns": 1 if args.no_tool else args.max_turns}
         if args.no_tool:
             env_kwargs.update({"system_prompt": NO_TOOL_SYSTEM_PROMPT, "max_tool_calls": 0})
-        cfg = cfg.model_copy(update={
-            "env": cfg.env.model_copy(update={"kwargs": {**cfg.env.kwargs, **env_kwargs}}),
-            "eval": cfg.eval.model_copy(update={"env_kwargs": {}}),
-            "rollout": cfg.rollout.model_copy(update={"stop_strings": [] if args.no_tool else None}),
-        })
+        cfg = cfg.model_copy(
+            update={
+                "env": cfg.env.model_copy(update={"kwargs": {**cfg.env.kwargs, **env_kwargs}}),
+                "eval": cfg.eval.model_copy(update={"env_kwargs": {}}),
+                "rollout": cfg.rollout.model_copy(update={"stop_strings": [] if args.no_tool else None}),
+            }
+        )
         tag = f"{bench if bench in BENCHMARKS else Path(bench).stem}{'-notool' if args.no_tool else ''}-k{args.k}-t{temperature:g}"
         path = out_root / f"{tag}.jsonl"
         done = {}
@@ -103,7 +109,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
             with Progress(transient=True) as bar, open(path, "a", encoding="utf-8") as f:
                 task = bar.add_task(f"{tag}", total=n, completed=n - len(todo))
                 for s in range(0, len(todo), chunk):
-                    ids = todo[s:s + chunk]
+                    ids = todo[s : s + chunk]
                     trajs = comps.eval_runner.run(ids, args.k, 0)
                     for t in trajs:  # group ids are positions in `ids`; map back to task indices
                         t.group_id = ids[t.group_id]
@@ -127,8 +133,9 @@ def _print_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    keys = ["problems", "accuracy"] + sorted({k for r in rows for k in r if k.startswith("pass@")},
-                                             key=lambda k: int(k[5:]))
+    keys = ["problems", "accuracy"] + sorted(
+        {k for r in rows for k in r if k.startswith("pass@")}, key=lambda k: int(k[5:])
+    )
     keys += ["mean_turns", "mean_tool_calls", "tool_error_rate", "void_turns_per_episode", "answer_missing_rate"]
     t = Table(title="alp-agent eval")
     t.add_column("benchmark")

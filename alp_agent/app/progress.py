@@ -86,10 +86,12 @@ class Progress:
             self.state["batch"] = batch
             self.state["metrics"] = metrics or {}
             m = self.state["metrics"]
-            line = (f"batch {batch}/{self.total} reward {_fmt(m.get('reward/mean'))} "
-                    f"kl {_fmt(m.get('steps_mean/kl_train_infer/noisy/k3'))} "
-                    f"tok-ratio p99.9 {_fmt(m.get('ratio_token_vs_infer/p99_9'))} "
-                    f"sigma {_fmt(m.get('sigma/mean'))}")
+            line = (
+                f"batch {batch}/{self.total} reward {_fmt(m.get('reward/mean'))} "
+                f"kl {_fmt(m.get('steps_mean/kl_train_infer/noisy/k3'))} "
+                f"tok-ratio p99.9 {_fmt(m.get('ratio_token_vs_infer/p99_9'))} "
+                f"sigma {_fmt(m.get('sigma/mean'))}"
+            )
         if eval_acc is not None:
             self.state["eval_acc"] = eval_acc
             self.state["eval_hist"].append(eval_acc)

@@ -1,8 +1,8 @@
 """A short end-to-end check of the GPU path: random Qwen2.5-0.5B-sized model, vLLM in bf16 on CUDA (in its own
 process), the float32 trainer on the same GPU, a few asynchronous training batches, then a weight-sync parity test.
 
-    python -m alp_agent.gpu_check --out runs/gpu_check            # or: bash scripts/gpu_check.sh
-    python -m alp_agent.gpu_check --dry-run                        # validate config and plan, no GPU needed
+    python -m alp_agent.app.gpu_check --out runs/gpu_check            # or: bash scripts/gpu_check.sh
+    python -m alp_agent.app.gpu_check --dry-run                        # validate config and plan, no GPU needed
 
 Why random weights: the check must run offline in minutes on a bare GPU machine. The model is built locally from a
 Qwen2 config with the shapes of Qwen2.5-0.5B (24 layers, hidden 896, GQA 14/2, head_dim 64) and the embedded
@@ -32,7 +32,7 @@ import torch
 
 from envs.registration import register_env
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "gpu_check.yaml"
 ENV_ID = "alp/GpuCheck-v0"
 
@@ -111,14 +111,14 @@ def _finite(x: Any) -> bool:
 
 def _probe_logprobs(model, prompts: list[list[int]], gens, device) -> torch.Tensor:
     """The model's float32 logprobs of the engine's tokens (flattened over all prompts)."""
-    from alp_agent.logprobs import sequence_logprobs
+    from alp_agent.train.logprobs import sequence_logprobs
 
     out = []
     model.eval()
     with torch.no_grad():
         for p, g in zip(prompts, gens):
             lp, _ = sequence_logprobs(model, torch.tensor([p + g.token_ids], device=device))
-            out.append(lp[0, len(p):].float().cpu())
+            out.append(lp[0, len(p) :].float().cpu())
     return torch.cat(out)
 
 
@@ -130,9 +130,11 @@ def run_check(out: Path, size: str, overrides: list[str], dry_run: bool, allow_c
     model_dir = out / f"model-{size}"
     cfg = load_config(RunConfig, CONFIG, [f"run.out_dir={out}", f"engine.model={model_dir}", *overrides])
     plan = memory_plan(cfg, size)
-    print(f"gpu_check: model {size} ({plan['params_M']:.0f} M params, random), vLLM {cfg.engine.dtype} "
-          f"placement={cfg.engine.placement}, trainer {cfg.trainer.update.dtype}, {cfg.run.iterations} batches of "
-          f"{cfg.run.prompts_per_batch}x{cfg.run.samples_per_prompt}, async={cfg.run.async_rollout}")
+    print(
+        f"gpu_check: model {size} ({plan['params_M']:.0f} M params, random), vLLM {cfg.engine.dtype} "
+        f"placement={cfg.engine.placement}, trainer {cfg.trainer.update.dtype}, {cfg.run.iterations} batches of "
+        f"{cfg.run.prompts_per_batch}x{cfg.run.samples_per_prompt}, async={cfg.run.async_rollout}"
+    )
     print("gpu_check: plan " + ", ".join(f"{k}={v:.2f}" for k, v in plan.items()))
     if dry_run:
         env = gym.make(ENV_ID)
@@ -150,13 +152,13 @@ def run_check(out: Path, size: str, overrides: list[str], dry_run: bool, allow_c
 
 
 def _run(cfg, out: Path, model_dir: Path, size: str, plan: dict, device: torch.device) -> int:
+    from alp_agent.app.job import build_inference
     from alp_agent.engine.base import SamplingConfig
-    from alp_agent.job import build_inference
-    from alp_agent.logging import MetricsWriter
-    from alp_agent.loop import run_training
     from alp_agent.models import build_tiny_model, load_model
     from alp_agent.rollout.chat import ChatTemplate
-    from alp_agent.trainer import Trainer
+    from alp_agent.train.logging import MetricsWriter
+    from alp_agent.train.loop import run_training
+    from alp_agent.train.trainer import Trainer
 
     t: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -167,26 +169,43 @@ def _run(cfg, out: Path, model_dir: Path, size: str, plan: dict, device: torch.d
     t1 = time.perf_counter()
     comps = build_inference(cfg)
     t["engine_start_s"] = time.perf_counter() - t1
-    result: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                              "size": size, "plan": plan, "config": cfg.model_dump(mode="json")}
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "size": size,
+        "plan": plan,
+        "config": cfg.model_dump(mode="json"),
+    }
     writer = MetricsWriter(out / cfg.run.name, tensorboard=False)
     try:
         model = load_model(model_dir, dtype=torch.float32, device=device)
         initial = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         trainer = Trainer(model, cfg.trainer, writer=writer)
         t2 = time.perf_counter()
-        hist = run_training(trainer, comps.runner.run, comps.engine, comps.num_tasks, cfg.run.iterations,
-                            cfg.run.prompts_per_batch, cfg.run.samples_per_prompt, seed=cfg.run.seed,
-                            async_rollout=cfg.run.async_rollout, max_staleness=cfg.run.max_staleness)
+        hist = run_training(
+            trainer,
+            comps.runner.run,
+            comps.engine,
+            comps.num_tasks,
+            cfg.run.iterations,
+            cfg.run.prompts_per_batch,
+            cfg.run.samples_per_prompt,
+            seed=cfg.run.seed,
+            async_rollout=cfg.run.async_rollout,
+            max_staleness=cfg.run.max_staleness,
+        )
         t["train_s"] = time.perf_counter() - t2
-        t["per_batch"] = [{k: h.get(k) for k in ("time/rollout", "time/rollout_wait", "time/batch_update_total",
-                                                  "time/sync")} for h in hist]
+        t["per_batch"] = [
+            {k: h.get(k) for k in ("time/rollout", "time/rollout_wait", "time/batch_update_total", "time/sync")}
+            for h in hist
+        ]
 
         # parity: the engine's greedy tokens scored by the final and by the initial weights
         chat = ChatTemplate(comps.tokenizer)
         env = gym.make(ENV_ID)
-        prompts = [chat.encode(chat.render(env.reset(options={"task_index": i})[0], add_generation_prompt=True))
-                   for i in range(4)]
+        prompts = [
+            chat.encode(chat.render(env.reset(options={"task_index": i})[0], add_generation_prompt=True))
+            for i in range(4)
+        ]
         gens = comps.engine.generate(prompts, SamplingConfig(temperature=0.0, max_tokens=32))
         engine_lp = torch.tensor([x for g in gens for x in g.logprobs])
         final_d = float((_probe_logprobs(model, prompts, gens, device) - engine_lp).abs().mean())
@@ -194,8 +213,11 @@ def _run(cfg, out: Path, model_dir: Path, size: str, plan: dict, device: torch.d
         initial_d = float((_probe_logprobs(model, prompts, gens, device) - engine_lp).abs().mean())
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info()
-            result["memory"] = {"trainer_peak_allocated_GB": torch.cuda.max_memory_allocated() / 1e9,
-                                "device_used_GB_at_end": (total - free) / 1e9, "device_total_GB": total / 1e9}
+            result["memory"] = {
+                "trainer_peak_allocated_GB": torch.cuda.max_memory_allocated() / 1e9,
+                "device_used_GB_at_end": (total - free) / 1e9,
+                "device_total_GB": total / 1e9,
+            }
     finally:
         writer.close()
         comps.close()
@@ -203,25 +225,33 @@ def _run(cfg, out: Path, model_dir: Path, size: str, plan: dict, device: torch.d
 
     checks = {
         "all_batches_ran": len(hist) == cfg.run.iterations,
-        "finite_loss_and_grad": all(_finite(h.get("steps_mean/loss/pg")) and _finite(h.get("steps_mean/grad_norm"))
-                                    for h in hist),
+        "finite_loss_and_grad": all(
+            _finite(h.get("steps_mean/loss/pg")) and _finite(h.get("steps_mean/grad_norm")) for h in hist
+        ),
         "no_skipped_steps": all(h.get("skipped_steps") == 0 for h in hist),
         "finite_logprobs": all(h.get("rollout/nonfinite_logprob_episodes", 0) == 0 for h in hist),
-        "staleness_within_bound": all(h.get("staleness/max", 0) <= (cfg.run.max_staleness if cfg.run.async_rollout
-                                                                    else 0) for h in hist),
+        "staleness_within_bound": all(
+            h.get("staleness/max", 0) <= (cfg.run.max_staleness if cfg.run.async_rollout else 0) for h in hist
+        ),
         # bf16 engine vs fp32 trainer on the same weights: small; vs the weights before training: clearly larger
         "engine_has_final_weights": final_d < 0.05 and final_d < 0.5 * initial_d,
         "under_5_minutes": t["total_s"] < 300,
     }
-    result.update(timings=t, checks=checks, parity={"final_mean_abs_d": final_d, "initial_mean_abs_d": initial_d},
-                  staleness=[h.get("staleness/max") for h in hist],
-                  kl_train_infer=[h.get("steps_mean/kl_train_infer/noisy/k3") for h in hist])
+    result.update(
+        timings=t,
+        checks=checks,
+        parity={"final_mean_abs_d": final_d, "initial_mean_abs_d": initial_d},
+        staleness=[h.get("staleness/max") for h in hist],
+        kl_train_infer=[h.get("steps_mean/kl_train_infer/noisy/k3") for h in hist],
+    )
     ok = all(checks.values())
     result["pass"] = ok
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
-    print(f"gpu_check: timings build {t['build_model_s']:.1f}s, engine start {t['engine_start_s']:.1f}s, "
-          f"train {t['train_s']:.1f}s, total {t['total_s']:.1f}s; parity final {final_d:.4f} vs initial "
-          f"{initial_d:.4f}; staleness {result['staleness']}")
+    print(
+        f"gpu_check: timings build {t['build_model_s']:.1f}s, engine start {t['engine_start_s']:.1f}s, "
+        f"train {t['train_s']:.1f}s, total {t['total_s']:.1f}s; parity final {final_d:.4f} vs initial "
+        f"{initial_d:.4f}; staleness {result['staleness']}"
+    )
     if "memory" in result:
         print("gpu_check: memory " + ", ".join(f"{k}={v:.1f}" for k, v in result["memory"].items()))
     failed = [k for k, v in checks.items() if not v]

@@ -62,7 +62,10 @@ def aggregate(records: list[dict], ks: list[int] | None = None) -> dict[str, flo
         return {"problems": 0.0}
     n = min(len(r["correct"]) for r in records)
     ks = sorted({k for k in (ks or [1, 2, 4, 8, 16, 32, 64]) if k <= n} | {1})
-    flat = lambda key: [x for r in records for x in r[key]]
+
+    def flat(key):
+        return [x for r in records for x in r[key]]
+
     samples = len(flat("correct"))
     tool_calls = sum(flat("tool_calls"))
     m: dict[str, float] = {

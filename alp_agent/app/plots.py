@@ -45,7 +45,9 @@ def _first_key(recs: list[dict], *keys: str) -> str | None:
 def envelope(ax, recs: list[dict], prefix: str, label: str, color: str | None = None) -> bool:
     """Shade the P2..P98 band of a ratio over steps (falls back to P1..P99 / P5..P95), with the median line."""
     lo = _first_key(recs, f"{prefix}/p2", f"{prefix}/p1", f"{prefix}/p5")
-    hi = {f"{prefix}/p2": f"{prefix}/p98", f"{prefix}/p1": f"{prefix}/p99", f"{prefix}/p5": f"{prefix}/p95"}.get(lo or "")
+    hi = {f"{prefix}/p2": f"{prefix}/p98", f"{prefix}/p1": f"{prefix}/p99", f"{prefix}/p5": f"{prefix}/p95"}.get(
+        lo or ""
+    )
     if lo is None or hi is None:
         return False
     x, ylo = series(recs, lo)
@@ -53,8 +55,14 @@ def envelope(ax, recs: list[dict], prefix: str, label: str, color: str | None = 
     xm, ym = series(recs, f"{prefix}/p50")
     n = min(len(x), len(ylo), len(yhi))
     line = ax.plot(xm, ym, label=f"{label} median", color=color)[0]
-    ax.fill_between(x[:n], ylo[:n], yhi[:n], alpha=0.25, color=line.get_color(),
-                    label=f"{label} {lo.rsplit('/', 1)[1].upper()}-{hi.rsplit('/', 1)[1].upper()}")
+    ax.fill_between(
+        x[:n],
+        ylo[:n],
+        yhi[:n],
+        alpha=0.25,
+        color=line.get_color(),
+        label=f"{label} {lo.rsplit('/', 1)[1].upper()}-{hi.rsplit('/', 1)[1].upper()}",
+    )
     return True
 
 
@@ -96,15 +104,19 @@ def write_report(run_dir: Path) -> Path:
         return True
 
     def kl(ax) -> None:
-        for key, label in [("kl_train_infer/noisy/k3", "train(perturbed)-infer k3"),
-                           ("kl_train_infer/clean/k3", "train(clean)-infer k3"), ("kl_noise/k3", "noise alone k3")]:
+        for key, label in [
+            ("kl_train_infer/noisy/k3", "train(perturbed)-infer k3"),
+            ("kl_train_infer/clean/k3", "train(clean)-infer k3"),
+            ("kl_noise/k3", "noise alone k3"),
+        ]:
             x, y = series(step, key)
             if y:
                 ax.plot(x, y, label=label)
         ax.set_yscale("symlog", linthresh=1e-6)
 
-    layer_keys = sorted({k for r in step for k in r if k.startswith("sigma/layer_")},
-                        key=lambda k: int(k.rsplit("_", 1)[1]))
+    layer_keys = sorted(
+        {k for r in step for k in r if k.startswith("sigma/layer_")}, key=lambda k: int(k.rsplit("_", 1)[1])
+    )
 
     def sigma(ax) -> bool:
         cmap = plt.get_cmap("viridis")
@@ -130,9 +142,18 @@ def write_report(run_dir: Path) -> Path:
     if batch:
         last = batch[-1]
         lines += ["| metric (last batch) | value |", "|---|---|"]
-        for k in ("reward/mean", "ratio_token_vs_infer/p99_9", "ratio_token_vs_infer/max", "ratio_seq_vs_infer/p50",
-                  "steps_mean/kl_train_infer/noisy/k3", "steps_mean/kl_train_infer/clean/k3", "sigma/mean",
-                  "tools/calls_per_episode", "skipped_steps_total", "time/update"):
+        for k in (
+            "reward/mean",
+            "ratio_token_vs_infer/p99_9",
+            "ratio_token_vs_infer/max",
+            "ratio_seq_vs_infer/p50",
+            "steps_mean/kl_train_infer/noisy/k3",
+            "steps_mean/kl_train_infer/clean/k3",
+            "sigma/mean",
+            "tools/calls_per_episode",
+            "skipped_steps_total",
+            "time/update",
+        ):
             if last.get(k) is not None:
                 lines.append(f"| {k} | {last[k]:.4g} |")
         lines.append("")

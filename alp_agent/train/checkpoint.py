@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from alp_agent import distributed as D
+from alp_agent.train import distributed as D
 
 try:  # numpy is optional for us, but present with vllm/transformers
     import numpy as np
@@ -186,8 +186,10 @@ def export_hf(model, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | N
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    sd = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach())
-          for k, v in model.state_dict().items()}
+    sd = {
+        k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach())
+        for k, v in model.state_dict().items()
+    }
     assert not any("log_sigma" in k for k in sd), "log-sigmas leaked into the model state dict"
     model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
     if dtype is not None:

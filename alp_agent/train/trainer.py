@@ -11,13 +11,13 @@
   5. clip, skip non-finite steps (counted), AdamW step; metrics per step and per batch through one MetricsWriter.
 Then `sync_weights(engine)` pushes the weights (never the log-sigmas) into the engine in place.
 
-Under torchrun (`trainer.dist.strategy` ddp or fsdp2, see alp_agent/distributed.py) every rank holds the same rollout
+Under torchrun (`trainer.dist.strategy` ddp or fsdp2, see alp_agent/train/distributed.py) every rank holds the same rollout
 batch (rank 0 broadcasts it: `update` on rank 0 announces it, the other ranks run `follow()`), the same shuffle and
 mini-batches; each mini-batch's rows are split over the ranks by token count, every rank normalises its loss with the
 whole mini-batch's token count (known to all), so the gradients summed over ranks equal the single-process one.
 Ranks pad to the same number of micro-batches with zero-weight ones, so collectives always pair up.
 
-The outer loop around it (rollout -> update -> sync -> eval -> checkpoint, sync or async) is `alp_agent.loop`.
+The outer loop around it (rollout -> update -> sync -> eval -> checkpoint, sync or async) is `alp_agent.train.loop`.
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from alp_agent import distributed as D
 from alp_agent.algo.advantages import group_advantages
 from alp_agent.algo.config import TrainerConfig
 from alp_agent.algo.losses import aggregate, kl_penalty, policy_loss, sequence_log_ratio
 from alp_agent.algo.perturb import build_perturbation, sigma_penalty
-from alp_agent.logprobs import sequence_logprobs
-from alp_agent.metrics import kl_stats, mean_over, summarize
 from alp_agent.rollout.trajectory import Trajectory
+from alp_agent.train import distributed as D
+from alp_agent.train.logprobs import sequence_logprobs
+from alp_agent.train.metrics import kl_stats, mean_over, summarize
 
 
 @dataclass
@@ -73,8 +73,15 @@ def _rows_from(trajs: list[Trajectory], adv: torch.Tensor) -> list[_Row]:
     rows = []
     for t, a in zip(trajs, adv.tolist()):
         p = len(t.prompt_ids)
-        rows.append(_Row(t.ids, [0.0] * p + [float(x) for x in t.loss_mask], [0.0] * p + list(t.infer_logprobs), a,
-                         float(t.temperature)))
+        rows.append(
+            _Row(
+                t.ids,
+                [0.0] * p + [float(x) for x in t.loss_mask],
+                [0.0] * p + list(t.infer_logprobs),
+                a,
+                float(t.temperature),
+            )
+        )
     return rows
 
 
@@ -86,8 +93,11 @@ def micro_batches(rows: list[_Row], token_budget: int, max_rows: int) -> list[li
     out: list[list[_Row]] = []
     cur: list[_Row] = []
     for r in order:
-        if cur and (r.temperature != cur[0].temperature or len(cur) >= max_rows
-                    or len(cur[0].ids) * (len(cur) + 1) > token_budget):
+        if cur and (
+            r.temperature != cur[0].temperature
+            or len(cur) >= max_rows
+            or len(cur[0].ids) * (len(cur) + 1) > token_budget
+        ):
             out.append(cur)
             cur = []
         cur.append(r)
@@ -139,7 +149,10 @@ def _collate(rows: list[_Row], device: torch.device) -> _Micro:
     adv = torch.tensor([[r.adv] for r in rows])
     on = mask.any(0).nonzero()
     start = int(on[0]) if on.numel() else 1
-    to = (lambda x: x.to(device) if x is not None else None)
+
+    def to(x):
+        return x.to(device) if x is not None else None
+
     return _Micro(to(ids), to(attn), to(mask), to(infer), to(adv), rows[0].temperature, to(old), to(ref), start)
 
 
@@ -147,7 +160,7 @@ class Trainer:
     """Owns the policy (float32 master weights), the log-sigmas, the optimizer and the step counters.
 
     model: an HF causal LM already on `device`. ref_model: frozen reference for the KL term (deep-copied from the
-    initial model when kl_coef > 0 and none is given). writer: an alp_agent.logging.MetricsWriter or None (None on
+    initial model when kl_coef > 0 and none is given). writer: an alp_agent.train.logging.MetricsWriter or None (None on
     ranks > 0 under torchrun: rank 0 writes the metrics, which cover every rank's tokens).
 
     Under torchrun (process group initialised by `distributed.init_distributed`) the model is wrapped here per
@@ -155,8 +168,9 @@ class Trainer:
     is what the training forward calls (the DDP wrapper, or the FSDP2-sharded model itself).
     """
 
-    def __init__(self, model: nn.Module, config: TrainerConfig | None = None, ref_model: nn.Module | None = None,
-                 writer=None) -> None:
+    def __init__(
+        self, model: nn.Module, config: TrainerConfig | None = None, ref_model: nn.Module | None = None, writer=None
+    ) -> None:
         self.cfg = config or TrainerConfig()
         self.model = model
         self.device = next(model.parameters()).device
@@ -166,8 +180,9 @@ class Trainer:
             raise ValueError("Trainer expects float32 master weights; use update.dtype='bfloat16' for bf16 compute")
         self.distributed = D.is_distributed()
         if self.distributed and self.cfg.dist.strategy == "none":
-            raise ValueError(f"{D.world_size()} ranks are running but trainer.dist.strategy is 'none': "
-                             "set it to 'ddp' or 'fsdp2'")
+            raise ValueError(
+                f"{D.world_size()} ranks are running but trainer.dist.strategy is 'none': set it to 'ddp' or 'fsdp2'"
+            )
         self.sharded = self.distributed and self.cfg.dist.strategy == "fsdp2"
         self.perturbation = build_perturbation(model, a, rank=D.rank())
         if self.perturbation is not None:
@@ -186,15 +201,28 @@ class Trainer:
         self.forward_model = D.wrap_policy(model, self.cfg.dist)
         if self.sharded and self.ref_model is not None:
             D.wrap_policy(self.ref_model, self.cfg.dist)
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": o.lr,
-                   "weight_decay": o.weight_decay, "name": "policy"}]
+        groups = [
+            {
+                "params": [p for p in model.parameters() if p.requires_grad],
+                "lr": o.lr,
+                "weight_decay": o.weight_decay,
+                "name": "policy",
+            }
+        ]
         if self.perturbation is not None and isinstance(self.perturbation.log_sigma, nn.Parameter):
-            groups.append({"params": [self.perturbation.log_sigma], "lr": a.perturb.sigma_lr, "weight_decay": 0.0,
-                           "name": "log_sigma"})
+            groups.append(
+                {
+                    "params": [self.perturbation.log_sigma],
+                    "lr": a.perturb.sigma_lr,
+                    "weight_decay": 0.0,
+                    "name": "log_sigma",
+                }
+            )
         self.optimizer = torch.optim.AdamW(groups, betas=o.betas, eps=o.adam_eps)
         warm = o.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0
+        )
         self.step = 0  # optimizer steps taken or skipped; part of the noise seed
         self.batch = 0  # rollout batches consumed by update()
         self.policy_version = 0  # version of the weights the engine should sample with; +1 per update()
@@ -287,16 +315,33 @@ class Trainer:
                 tok["entropy"].append(ent[valid].float().cpu())
             with self._noise(j), sync:
                 with self._autocast():
-                    logp, ent_t = sequence_logprobs(self.forward_model, mb.ids, mb.attn, mb.temperature,
-                                                    with_entropy=a.entropy_coef > 0 or clean_from_train,
-                                                    start=mb.start, entropy_grad=a.entropy_coef > 0)
+                    logp, ent_t = sequence_logprobs(
+                        self.forward_model,
+                        mb.ids,
+                        mb.attn,
+                        mb.temperature,
+                        with_entropy=a.entropy_coef > 0 or clean_from_train,
+                        start=mb.start,
+                        entropy_grad=a.entropy_coef > 0,
+                    )
                 if clean_from_train:
                     tok["clean"].append(logp.detach()[valid].float().cpu())
                     tok["entropy"].append(ent_t.detach()[valid].float().cpu())
                 terms, mask = policy_loss(
-                    a.name, logp, mb.infer, mb.mask, mb.adv, level=a.level, eps_low=a.eps_low, eps_high=a.eps_high,
-                    dual_clip=a.dual_clip, old=mb.old, log_ratio_clamp=a.log_ratio_clamp, is_level=a.is_level,
-                    is_threshold=a.is_threshold)
+                    a.name,
+                    logp,
+                    mb.infer,
+                    mb.mask,
+                    mb.adv,
+                    level=a.level,
+                    eps_low=a.eps_low,
+                    eps_high=a.eps_high,
+                    dual_clip=a.dual_clip,
+                    old=mb.old,
+                    log_ratio_clamp=a.log_ratio_clamp,
+                    is_level=a.is_level,
+                    is_threshold=a.is_threshold,
+                )
                 # Choice: MIS-dropped tokens stay in the normaliser (they contribute 0), so masking shrinks the step.
                 loss = aggregate(terms.loss, mask, a.loss_agg, denom)
                 if a.kl_coef > 0:
@@ -321,10 +366,16 @@ class Trainer:
                 tok["inf"].append(mb.infer[valid].cpu())
                 if ent_t is not None:
                     tok["ent_train"].append(ent_t.detach()[valid].float().cpu())
-                seq["log_ratio"].append(sequence_log_ratio(lpd, base, mb.mask, geometric=a.level == "geo_sequence")
-                                        .clamp(-a.log_ratio_clamp, a.log_ratio_clamp).cpu())
-                seq["d_infer"].append(sequence_log_ratio(lpd, mb.infer, mb.mask, geometric=False)
-                                      .clamp(-a.log_ratio_clamp, a.log_ratio_clamp).cpu())
+                seq["log_ratio"].append(
+                    sequence_log_ratio(lpd, base, mb.mask, geometric=a.level == "geo_sequence")
+                    .clamp(-a.log_ratio_clamp, a.log_ratio_clamp)
+                    .cpu()
+                )
+                seq["d_infer"].append(
+                    sequence_log_ratio(lpd, mb.infer, mb.mask, geometric=False)
+                    .clamp(-a.log_ratio_clamp, a.log_ratio_clamp)
+                    .cpu()
+                )
                 counts["tokens"] += int(valid.sum())
                 counts["clip_upper"] += int((terms.clip_upper & valid).sum())
                 counts["clip_lower"] += int((terms.clip_lower & valid).sum())
@@ -337,7 +388,9 @@ class Trainer:
 
         m: dict[str, float] = {}
         if self.perturbation is not None and (a.perturb.sigma_penalty_alpha > 0 or a.perturb.sigma_penalty_beta > 0):
-            pen = sigma_penalty(self.perturbation.log_sigma, a.perturb.sigma_penalty_alpha, a.perturb.sigma_penalty_beta)
+            pen = sigma_penalty(
+                self.perturbation.log_sigma, a.perturb.sigma_penalty_alpha, a.perturb.sigma_penalty_beta
+            )
             if pen.requires_grad:
                 pen.backward()
             m["loss/sigma_penalty"] = float(pen.detach())
@@ -367,32 +420,37 @@ class Trainer:
         seq_lr = torch.cat(seq["log_ratio"]) if seq["log_ratio"] else torch.empty(0)
         seq_d_infer = torch.cat(seq["d_infer"]) if seq["d_infer"] else torch.empty(0)
         if self.distributed:
-            cat, seq_lr, seq_d_infer, counts, loss_total = self._gather_step_stats(cat, seq_lr, seq_d_infer, counts,
-                                                                                   loss_total)
+            cat, seq_lr, seq_d_infer, counts, loss_total = self._gather_step_stats(
+                cat, seq_lr, seq_d_infer, counts, loss_total
+            )
         n = max(counts["tokens"], 1)
-        m.update({
-            "loss/pg": loss_total,
-            "grad_norm": gn,
-            "grad_norm/log_sigma": sgn,
-            "skipped": float(skipped),
-            "skipped_steps_total": float(self.skipped_steps),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "clip_frac/upper": counts["clip_upper"] / n,
-            "clip_frac/lower": counts["clip_lower"] / n,
-            "clip_frac/dual": counts["clip_dual"] / n,
-            "clip_frac/total": (counts["clip_upper"] + counts["clip_lower"]) / n,
-            "mask/kept_frac": counts["kept"] / n,
-            "tokens": float(counts["tokens"]),
-            "padding_frac": 1.0 - counts["real_tokens"] / max(counts["padded_tokens"], 1),
-            "micro_batches": float(counts["micro_batches"]),
-            "time/fwd_bwd": t_fwd_bwd,
-            "time/step": t_step,
-        })
+        m.update(
+            {
+                "loss/pg": loss_total,
+                "grad_norm": gn,
+                "grad_norm/log_sigma": sgn,
+                "skipped": float(skipped),
+                "skipped_steps_total": float(self.skipped_steps),
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "clip_frac/upper": counts["clip_upper"] / n,
+                "clip_frac/lower": counts["clip_lower"] / n,
+                "clip_frac/dual": counts["clip_dual"] / n,
+                "clip_frac/total": (counts["clip_upper"] + counts["clip_lower"]) / n,
+                "mask/kept_frac": counts["kept"] / n,
+                "tokens": float(counts["tokens"]),
+                "padding_frac": 1.0 - counts["real_tokens"] / max(counts["padded_tokens"], 1),
+                "micro_batches": float(counts["micro_batches"]),
+                "time/fwd_bwd": t_fwd_bwd,
+                "time/step": t_step,
+            }
+        )
         m.update(summarize(cat["log_ratio"].exp(), f"ratio_token_vs_{base_name}"))
         m.update(summarize(seq_lr.exp(), f"ratio_seq_vs_{base_name}"))
         if base_name == "old":
             # the trained policy against the sampler mu as well, so every algorithm is compared on the same ratio
-            m.update(summarize(cat["d_infer"].clamp(-a.log_ratio_clamp, a.log_ratio_clamp).exp(), "ratio_token_vs_infer"))
+            m.update(
+                summarize(cat["d_infer"].clamp(-a.log_ratio_clamp, a.log_ratio_clamp).exp(), "ratio_token_vs_infer")
+            )
             m.update(summarize(seq_d_infer.exp(), "ratio_seq_vs_infer"))
         # train-inference KL with the noise the loss saw (== clean when noise is off) and, if measured, without noise
         m.update(kl_stats(cat["noisy"], cat["inf"], "kl_train_infer/noisy"))
@@ -403,8 +461,12 @@ class Trainer:
         elif cat["ent_train"].numel():
             m["entropy"] = float(cat["ent_train"].mean())
         m.update(self._sigma_metrics(sig_grad))
-        return m, {"log_ratio": [cat["log_ratio"]], "seq_log_ratio": [seq_lr], "d_infer": [cat["d_infer"]],
-                   "seq_d_infer": [seq_d_infer]}
+        return m, {
+            "log_ratio": [cat["log_ratio"]],
+            "seq_log_ratio": [seq_lr],
+            "d_infer": [cat["d_infer"]],
+            "seq_d_infer": [seq_d_infer],
+        }
 
     def _sync_sigma_grad(self) -> None:
         """The log-sigmas live outside the wrapped model, so DDP/FSDP2 do not reduce their gradient: average it over
@@ -417,8 +479,13 @@ class Trainer:
         D.all_reduce_(ls.grad, "avg")
 
     @staticmethod
-    def _gather_step_stats(cat: dict[str, torch.Tensor], seq_lr: torch.Tensor, seq_d_infer: torch.Tensor,
-                           counts: Counter, loss_total: float):
+    def _gather_step_stats(
+        cat: dict[str, torch.Tensor],
+        seq_lr: torch.Tensor,
+        seq_d_infer: torch.Tensor,
+        counts: Counter,
+        loss_total: float,
+    ):
         """Every rank's per-token/per-sequence values and counts, combined (one collective): quantiles, KL and clip
         fractions then describe the whole mini-batch, exactly as in a single process."""
         parts = D.all_gather_objects((cat, seq_lr, seq_d_infer, counts, loss_total))
@@ -451,16 +518,19 @@ class Trainer:
         a, u = self.cfg.algo, self.cfg.update
         t_start = time.perf_counter()
         usable = [t for t in trajectories if t.num_model_tokens > 0 and t.has_finite_logprobs()]
-        bm: dict[str, float] = {"batch/trajectories": float(len(trajectories)),
-                                "batch/dropped": float(len(trajectories) - len(usable))}
+        bm: dict[str, float] = {
+            "batch/trajectories": float(len(trajectories)),
+            "batch/dropped": float(len(trajectories) - len(usable)),
+        }
         bm.update(episode_metrics(trajectories, self.policy_version))
         if not usable:
             self.batch += 1
             self.policy_version += 1
             self._write("batch", self.batch, bm)
             return bm
-        adv, adv_stats = group_advantages([t.reward for t in usable], [t.group_id for t in usable], a.advantage,
-                                          a.adv_std_norm)
+        adv, adv_stats = group_advantages(
+            [t.reward for t in usable], [t.group_id for t in usable], a.advantage, a.adv_std_norm
+        )
         bm.update(adv_stats)
         rows = _rows_from(usable, adv)
 
@@ -477,7 +547,7 @@ class Trainer:
 
         order = torch.randperm(len(rows), generator=self.shuffle_gen).tolist() if u.shuffle else list(range(len(rows)))
         k = min(u.updates_per_batch, len(rows))
-        chunks = [order[i * len(order) // k:(i + 1) * len(order) // k] for i in range(k)]
+        chunks = [order[i * len(order) // k : (i + 1) * len(order) // k] for i in range(k)]
         t0 = time.perf_counter()
         step_ms, acc = [], {"log_ratio": [], "seq_log_ratio": [], "d_infer": [], "seq_d_infer": []}
         for ch in chunks:
@@ -492,11 +562,23 @@ class Trainer:
         bm.update(summarize(torch.cat(acc["log_ratio"]).exp(), f"ratio_token_vs_{base_name}"))
         bm.update(summarize(torch.cat(acc["seq_log_ratio"]).exp(), f"ratio_seq_vs_{base_name}"))
         if base_name == "old":  # the same ratio against the sampler for every algorithm (comparisons, repro)
-            bm.update(summarize(torch.cat(acc["d_infer"]).clamp(-a.log_ratio_clamp, a.log_ratio_clamp).exp(),
-                                "ratio_token_vs_infer"))
+            bm.update(
+                summarize(
+                    torch.cat(acc["d_infer"]).clamp(-a.log_ratio_clamp, a.log_ratio_clamp).exp(), "ratio_token_vs_infer"
+                )
+            )
             bm.update(summarize(torch.cat(acc["seq_d_infer"]).exp(), "ratio_seq_vs_infer"))
-        keep = ("loss/", "grad_norm", "clip_frac/", "kl_train_infer/", "kl_noise/", "entropy", "mask/", "padding_frac",
-                "sigma")
+        keep = (
+            "loss/",
+            "grad_norm",
+            "clip_frac/",
+            "kl_train_infer/",
+            "kl_noise/",
+            "entropy",
+            "mask/",
+            "padding_frac",
+            "sigma",
+        )
         bm.update({f"steps_mean/{kk}": v for kk, v in mean_over(step_ms).items() if kk.startswith(keep)})
         bm["skipped_steps"] = float(sum(s["skipped"] for s in step_ms))
         bm["skipped_steps_total"] = float(self.skipped_steps)
@@ -534,9 +616,9 @@ class Trainer:
     # ------------------------------------------------------------------ state for checkpoints
     def state_dict(self) -> dict:
         """Everything that decides the next step, as one picklable dict (single process and DDP: rank 0's copy is
-        every rank's). FSDP2 shards cannot go into one file: see `sharded_state` / alp_agent.checkpoint."""
+        every rank's). FSDP2 shards cannot go into one file: see `sharded_state` / alp_agent.train.checkpoint."""
         if self.sharded:
-            raise RuntimeError("an FSDP2 trainer is saved sharded: use alp_agent.checkpoint.save_checkpoint")
+            raise RuntimeError("an FSDP2 trainer is saved sharded: use alp_agent.train.checkpoint.save_checkpoint")
         return {
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "perturbation": self.perturbation.state_dict() if self.perturbation is not None else None,
@@ -548,8 +630,13 @@ class Trainer:
         """The small, replicated part of the state (scheduler, counters, shuffle generator, config)."""
         return {
             "scheduler": self.scheduler.state_dict(),
-            "counters": {"step": self.step, "batch": self.batch, "policy_version": self.policy_version,
-                         "data_cursor": self.data_cursor, "skipped_steps": self.skipped_steps},
+            "counters": {
+                "step": self.step,
+                "batch": self.batch,
+                "policy_version": self.policy_version,
+                "data_cursor": self.data_cursor,
+                "skipped_steps": self.skipped_steps,
+            },
             "shuffle_gen": self.shuffle_gen.get_state(),
             "config": self.cfg.model_dump(),
         }
@@ -575,14 +662,17 @@ class Trainer:
         """Inverse of `sharded_state` (after `dcp.load` filled it) plus `meta_state`."""
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        set_state_dict(self._state_module(), self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        set_state_dict(
+            self._state_module(), self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
         self._load_meta(meta)
 
     def load_state_dict(self, sd: Mapping) -> None:
         if self.sharded:
-            raise RuntimeError("an FSDP2 trainer resumes from sharded checkpoints only (alp_agent.checkpoint); this "
-                               "one was written by a single process or DDP: resume it with trainer.dist.strategy=ddp")
+            raise RuntimeError(
+                "an FSDP2 trainer resumes from sharded checkpoints only (alp_agent.train.checkpoint); this "
+                "one was written by a single process or DDP: resume it with trainer.dist.strategy=ddp"
+            )
         self.model.load_state_dict(sd["model"])
         if self.perturbation is not None and sd.get("perturbation") is not None:
             self.perturbation.load_state_dict(sd["perturbation"])
@@ -606,7 +696,7 @@ class Trainer:
     def follow(self) -> None:
         """Ranks > 0: run what rank 0 announces (update on its batch, weight gather, checkpoint save) until it
         calls `release_followers()`. Rank 0 alone builds the sampler and runs the outer loop."""
-        from alp_agent.checkpoint import save_checkpoint
+        from alp_agent.train.checkpoint import save_checkpoint
 
         while True:
             command, payload = D.broadcast_object(None, command=True)
@@ -635,9 +725,12 @@ def episode_metrics(trajs: list[Trajectory], policy_version: int) -> dict[str, f
     resp = torch.tensor([float(t.num_model_tokens) for t in trajs])
     calls = sum(t.num_tool_calls for t in trajs)
     m = {
-        "reward/mean": float(r.mean()), "reward/std": float(r.std()) if n > 1 else 0.0,
-        "reward/min": float(r.min()), "reward/max": float(r.max()),
-        "length/response_mean": float(resp.mean()), "length/response_max": float(resp.max()),
+        "reward/mean": float(r.mean()),
+        "reward/std": float(r.std()) if n > 1 else 0.0,
+        "reward/min": float(r.min()),
+        "reward/max": float(r.max()),
+        "length/response_mean": float(resp.mean()),
+        "length/response_max": float(resp.max()),
         "length/completion_mean": sum(len(t.completion_ids) for t in trajs) / n,
         "length/prompt_mean": sum(len(t.prompt_ids) for t in trajs) / n,
         "turns/mean": sum(t.num_turns for t in trajs) / n,

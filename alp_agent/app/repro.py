@@ -25,8 +25,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alp_agent.checkpoint import latest_checkpoint
 from alp_agent.config_io import ConfigError, read_yaml_with_base, validate
+from alp_agent.train.checkpoint import latest_checkpoint
 
 
 class _Strict(BaseModel):
@@ -47,7 +47,9 @@ class ReproPlan(_Strict):
 
     config: str = Field(..., description="Training config shared by every run (relative to the plan file).")
     out_dir: str = Field("results/repro", description="runs/, <plan>.md, <plan>.json and plots/ go here.")
-    kl_spike_threshold: float = Field(0.01, gt=0, description="Clean train-inference k3 KL above which a step is a spike.")
+    kl_spike_threshold: float = Field(
+        0.01, gt=0, description="Clean train-inference k3 KL above which a step is a spike."
+    )
     arms: dict[str, dict[str, Any]] = Field(..., description="Arm name -> overrides (the algorithm and its options).")
     settings: dict[str, dict[str, Any]] = Field(..., description="Setting name -> overrides (e.g. staleness).")
     groups: list[ReproGroup] = Field(..., min_length=1, description="What to run and compare.")
@@ -108,9 +110,16 @@ def plan_runs(plan: ReproPlan) -> list[RunSpec]:
 
 def run_overrides(plan: ReproPlan, spec: RunSpec, out_dir: Path) -> list[str]:
     """Dotted `key=value` strings (values as JSON, which YAML parses back unchanged) for `alp-agent train`."""
-    items = {**plan.overrides, **plan.settings[spec.setting], **plan.arms[spec.arm],
-             "run.name": spec.name, "run.out_dir": str(out_dir / "runs"), "run.seed": spec.seed,
-             "trainer.algo.perturb.seed": spec.seed, "trainer.update.seed": spec.seed}
+    items = {
+        **plan.overrides,
+        **plan.settings[spec.setting],
+        **plan.arms[spec.arm],
+        "run.name": spec.name,
+        "run.out_dir": str(out_dir / "runs"),
+        "run.seed": spec.seed,
+        "trainer.algo.perturb.seed": spec.seed,
+        "trainer.update.seed": spec.seed,
+    }
     return [f"{k}={json.dumps(v)}" for k, v in items.items()]
 
 
@@ -121,8 +130,11 @@ def run_state(run_dir: Path, iterations: int, final_eval: bool = True) -> str:
     if s.is_file():
         try:
             d = json.loads(s.read_text())
-            if (not d.get("interrupted") and d.get("batches") == iterations
-                    and (not final_eval or d.get("accuracy_after") is not None)):
+            if (
+                not d.get("interrupted")
+                and d.get("batches") == iterations
+                and (not final_eval or d.get("accuracy_after") is not None)
+            ):
                 return "done"
         except json.JSONDecodeError:
             pass
@@ -131,8 +143,9 @@ def run_state(run_dir: Path, iterations: int, final_eval: bool = True) -> str:
     return "todo"
 
 
-def execute(plan: ReproPlan, cfg_path: Path, out_dir: Path, only: list[str] | None = None, dry_run: bool = False,
-            log=print) -> list[dict]:
+def execute(
+    plan: ReproPlan, cfg_path: Path, out_dir: Path, only: list[str] | None = None, dry_run: bool = False, log=print
+) -> list[dict]:
     """Run every run of the plan that is not done yet, one process at a time. Returns one status record per run."""
     from alp_agent.config import RunConfig
     from alp_agent.config_io import load_config
@@ -152,8 +165,16 @@ def execute(plan: ReproPlan, cfg_path: Path, out_dir: Path, only: list[str] | No
         c = cfgs[r]
         final_eval = c.eval.before_and_after and c.eval.num_tasks > 0
         state = run_state(run_dir, c.run.iterations, final_eval)
-        cmd = [sys.executable, "-m", "alp_agent.cli", "train", "-c", str(cfg_path), "--quiet",
-               *run_overrides(plan, r, out_dir)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "alp_agent.app.cli",
+            "train",
+            "-c",
+            str(cfg_path),
+            "--quiet",
+            *run_overrides(plan, r, out_dir),
+        ]
         if state == "done":
             log(f"[{i}/{len(runs)}] {r.name}: done, kept")
             status.append({"run": r.name, "state": "done", "seconds": None})
@@ -170,8 +191,12 @@ def execute(plan: ReproPlan, cfg_path: Path, out_dir: Path, only: list[str] | No
         run_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         with open(run_dir / "log.txt", "a", encoding="utf-8") as f:
-            rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT,
-                                 env={**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")})
+            rc = subprocess.call(
+                cmd,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")},
+            )
         dt = time.perf_counter() - t0
         ok = rc == 0 and run_state(run_dir, c.run.iterations, final_eval) == "done"
         log_file = run_dir / "log.txt"
@@ -184,7 +209,7 @@ def execute(plan: ReproPlan, cfg_path: Path, out_dir: Path, only: list[str] | No
 
 # ---------------------------------------------------------------------- summary of one run
 def _records(run_dir: Path) -> dict[str, list[dict]]:
-    from alp_agent.plots import read_metrics
+    from alp_agent.app.plots import read_metrics
 
     return read_metrics(run_dir)
 
@@ -197,7 +222,7 @@ def summarize_run(run_dir: Path, kl_threshold: float) -> dict[str, float | None]
     """The table's numbers for one run (None where the run did not log the metric)."""
     m = _records(run_dir)
     steps, batches, evals = m.get("step", []), m.get("batch", []), m.get("eval", [])
-    last_batch_steps = steps[-len(steps) // max(len(batches), 1):] if steps else []
+    last_batch_steps = steps[-len(steps) // max(len(batches), 1) :] if steps else []
     kl = _vals(steps, "kl_train_infer/clean/k3")
     acc = _vals(evals, "accuracy")
     reward = _vals(batches, "reward/mean")
@@ -265,16 +290,24 @@ def write_results(plan: ReproPlan, out_dir: Path, command: str | None = None, na
     for r in plan_runs(plan):
         d = runs_dir / r.name
         if (d / "metrics.jsonl").is_file():
-            per_run[r.name] = {"arm": r.arm, "setting": r.setting, "seed": r.seed,
-                               "state": _state_label(d),
-                               **summarize_run(d, plan.kl_spike_threshold)}
+            per_run[r.name] = {
+                "arm": r.arm,
+                "setting": r.setting,
+                "seed": r.seed,
+                "state": _state_label(d),
+                **summarize_run(d, plan.kl_spike_threshold),
+            }
     lines = ["# Small-scale reproduction: results", ""]
     if command:
         lines += ["Command:", "", f"    {command}", ""]
-    lines += [(f"KL = clean (noise-free) train-inference k3 KL per optimizer step; a spike is a step with KL > "
-              f"{plan.kl_spike_threshold:g}. Ratios are the trained policy (with ALP's noise where the arm has it) "
-              "over the engine's sampling logprobs mu, for every arm. With several seeds a cell is mean [min, max]."),
-              ""]
+    lines += [
+        (
+            f"KL = clean (noise-free) train-inference k3 KL per optimizer step; a spike is a step with KL > "
+            f"{plan.kl_spike_threshold:g}. Ratios are the trained policy (with ALP's noise where the arm has it) "
+            "over the engine's sampling logprobs mu, for every arm. With several seeds a cell is mean [min, max]."
+        ),
+        "",
+    ]
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     for g in plan.groups:
@@ -287,8 +320,9 @@ def write_results(plan: ReproPlan, out_dir: Path, command: str | None = None, na
                 got = [x for x in rows if x and x["state"] == "done"]  # a running or crashed run is not a result
                 partial = sum(1 for x in rows if x and x["state"] != "done")
                 seeds = f"{len(got)}/{len(g.seeds)}" + (f" (+{partial} incomplete)" if partial else "")
-                lines.append(f"| {a} | {seeds} | " + " | ".join(_cell([x.get(k) for x in got], f) for k, _, f in COLUMNS)
-                             + " |")
+                lines.append(
+                    f"| {a} | {seeds} | " + " | ".join(_cell([x.get(k) for x in got], f) for k, _, f in COLUMNS) + " |"
+                )
             lines.append("")
             png = plot_group(plan, g, s, runs_dir, plots / f"{g.name}_{s}.png")
             if png is not None:
@@ -365,8 +399,9 @@ def plot_group(plan: ReproPlan, g: ReproGroup, setting: str, runs_dir: Path, out
     if not drawn:
         plt.close(fig)
         return None
-    axes[0].set(title="sequence ratio vs mu: P98 (solid) and P2 (dashed), per batch", xlabel="rollout batch",
-                yscale="log")
+    axes[0].set(
+        title="sequence ratio vs mu: P98 (solid) and P2 (dashed), per batch", xlabel="rollout batch", yscale="log"
+    )
     axes[1].axhline(plan.kl_spike_threshold, color="grey", linestyle=":", label="spike threshold")
     axes[1].set(title="clean train-inference KL (k3)", xlabel="optimizer step", yscale="log")
     axes[2].set(title="reward (line) and held-out accuracy (markers)", xlabel="rollout batch")

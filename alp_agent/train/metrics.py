@@ -1,6 +1,6 @@
 """Summary statistics for the trainer's metrics (alp.md "Metrics every training step must log").
 
-Everything returns plain floats keyed by name, so one writer (alp_agent.logging) can send them to JSONL/TensorBoard.
+Everything returns plain floats keyed by name, so one writer (alp_agent.train.logging) can send them to JSONL/TensorBoard.
 """
 
 from __future__ import annotations

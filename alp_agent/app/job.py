@@ -114,7 +114,7 @@ def build_inference(cfg: RunConfig) -> Components:
 
 def run_eval(comps: Components, policy_version: int, num_tasks: int | None = None, samples: int | None = None):
     """Held-out evaluation: the first N eval tasks, `samples` each. Returns (metrics, per-problem records)."""
-    from alp_agent.eval import aggregate, problem_records
+    from alp_agent.app.eval import aggregate, problem_records
 
     n = min(num_tasks if num_tasks is not None else comps.cfg.eval.num_tasks, comps.num_eval_tasks)
     k = samples or comps.cfg.eval.samples
@@ -151,7 +151,9 @@ def write_samples(run_dir: Path, batch: int, trajs: list[Trajectory], tokenizer,
         return
     chosen = trajs[:: max(1, len(trajs) // n)][:n]
     with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
-        f.writelines(json.dumps({"batch": batch, "text": render_episode(t, tokenizer), **t.to_dict()}) + "\n" for t in chosen)
+        f.writelines(
+            json.dumps({"batch": batch, "text": render_episode(t, tokenizer), **t.to_dict()}) + "\n" for t in chosen
+        )
     with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
         f.write(f"\n##### batch {batch}\n")
         f.writelines(render_episode(t, tokenizer) for t in chosen)
@@ -168,16 +170,18 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
     rollout, eval, logs, checkpoints) and the other ranks only train: see `_follow`."""
     import torch
 
-    from alp_agent import distributed as D
-    from alp_agent.checkpoint import latest_checkpoint, load_checkpoint
-    from alp_agent.logging import MetricsWriter
+    from alp_agent.app.progress import Progress
     from alp_agent.models import load_model
-    from alp_agent.progress import Progress
-    from alp_agent.trainer import Trainer
+    from alp_agent.train import distributed as D
+    from alp_agent.train.checkpoint import latest_checkpoint, load_checkpoint
+    from alp_agent.train.logging import MetricsWriter
+    from alp_agent.train.trainer import Trainer
 
     if cfg.rollout.temperature <= 0:
-        raise ConfigError("rollout.temperature: training samples from the policy and divides logits by this "
-                          "temperature, so it must be > 0 (greedy decoding is for eval.temperature)")
+        raise ConfigError(
+            "rollout.temperature: training samples from the policy and divides logits by this "
+            "temperature, so it must be > 0 (greedy decoding is for eval.temperature)"
+        )
     dist_on = _init_distributed(cfg)  # False without torchrun: nothing below changes then
     if dist_on and not D.is_main():
         return _follow(cfg)
@@ -201,8 +205,12 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
         ui.phase("starting: sandbox, vLLM, model")
         with D.launcher_env_hidden():  # a no-op without torchrun; under it, also with a single rank
             comps = build_inference(cfg)
-        writer = MetricsWriter(run_dir, tensorboard=cfg.run.tensorboard, wandb_project=cfg.run.wandb_project,
-                               run_config=cfg.model_dump(mode="json"))
+        writer = MetricsWriter(
+            run_dir,
+            tensorboard=cfg.run.tensorboard,
+            wandb_project=cfg.run.wandb_project,
+            run_config=cfg.model_dump(mode="json"),
+        )
         comps.closers.append(writer.close)
         try:
             ckpt = latest_checkpoint(ckpt_dir) if resume else None
@@ -227,13 +235,15 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
 
 def _init_distributed(cfg: RunConfig) -> bool:
     """Join torchrun's process group when launched by it (refusing a config that would train one model per rank)."""
-    from alp_agent import distributed as D
+    from alp_agent.train import distributed as D
 
     if not D.launched_by_torchrun():
         return False
     if cfg.trainer.dist.strategy == "none":
-        raise ConfigError(f"trainer.dist.strategy: torchrun started {os.environ.get('WORLD_SIZE')} ranks; set it to "
-                          "ddp or fsdp2 (or run without torchrun)")
+        raise ConfigError(
+            f"trainer.dist.strategy: torchrun started {os.environ.get('WORLD_SIZE')} ranks; set it to "
+            "ddp or fsdp2 (or run without torchrun)"
+        )
     return D.init_distributed(cfg.trainer.dist)
 
 
@@ -248,10 +258,10 @@ def _follow(cfg: RunConfig) -> dict[str, Any]:
 
     import torch
 
-    from alp_agent import distributed as D
-    from alp_agent.checkpoint import load_checkpoint
     from alp_agent.models import load_model
-    from alp_agent.trainer import Trainer
+    from alp_agent.train import distributed as D
+    from alp_agent.train.checkpoint import load_checkpoint
+    from alp_agent.train.trainer import Trainer
 
     with contextlib.suppress(ValueError):  # not the main thread (tests): keep the default handler
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -273,8 +283,8 @@ def _follow(cfg: RunConfig) -> dict[str, Any]:
 def _loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir) -> dict[str, Any]:
     """The CLI's job around `run_training` (the one outer loop): held-out eval before/after, sample episodes, the
     progress display, and a whole-batch checkpoint on Ctrl-C."""
-    from alp_agent.checkpoint import save_checkpoint
-    from alp_agent.loop import LoopHooks, run_training
+    from alp_agent.train.checkpoint import save_checkpoint
+    from alp_agent.train.loop import LoopHooks, run_training
 
     summary: dict[str, Any] = {}
 
@@ -310,17 +320,29 @@ def _loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir) -> dict[str, Any]:
 
     hooks = LoopHooks(
         phase=ui.phase,
-        after_rollout=lambda batch, trajs: write_samples(run_dir, batch, trajs, comps.tokenizer,
-                                                         cfg.run.sample_episodes),
+        after_rollout=lambda batch, trajs: write_samples(
+            run_dir, batch, trajs, comps.tokenizer, cfg.run.sample_episodes
+        ),
         after_batch=after_batch,
     )
     interrupted = False
     try:
         run_training(
-            trainer, comps.runner.run, comps.engine, comps.num_tasks, cfg.run.iterations, cfg.run.prompts_per_batch,
-            cfg.run.samples_per_prompt, checkpoint_dir=str(ckpt_dir), checkpoint_every=cfg.run.checkpoint_every,
-            keep_checkpoints=cfg.run.keep_checkpoints, seed=cfg.run.seed, eval_every=cfg.eval.every, hooks=hooks,
-            async_rollout=cfg.run.async_rollout, max_staleness=cfg.run.max_staleness,
+            trainer,
+            comps.runner.run,
+            comps.engine,
+            comps.num_tasks,
+            cfg.run.iterations,
+            cfg.run.prompts_per_batch,
+            cfg.run.samples_per_prompt,
+            checkpoint_dir=str(ckpt_dir),
+            checkpoint_every=cfg.run.checkpoint_every,
+            keep_checkpoints=cfg.run.keep_checkpoints,
+            seed=cfg.run.seed,
+            eval_every=cfg.eval.every,
+            hooks=hooks,
+            async_rollout=cfg.run.async_rollout,
+            max_staleness=cfg.run.max_staleness,
             # the last batch is evaluated once, as "after", below
             eval_fn=lambda _v: evaluate(f"batch {trainer.batch}") if trainer.batch < cfg.run.iterations else None,
         )

@@ -27,7 +27,7 @@ def _load_run_config(path: str | None, overrides: list[str]):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from alp_agent.job import train
+    from alp_agent.app.job import train
 
     cfg = _load_run_config(args.config, args.overrides)
     if args.resume and args.run_dir:
@@ -59,7 +59,7 @@ def cmd_envs(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from alp_agent.job import build_inference, render_episode
+    from alp_agent.app.job import build_inference, render_episode
 
     cfg = _load_run_config(args.config, args.overrides)
     comps = build_inference(cfg)
@@ -77,8 +77,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from alp_agent.checkpoint import export_hf, latest_checkpoint, load_policy_weights
     from alp_agent.models import load_model, load_tokenizer, resolve_model
+    from alp_agent.train.checkpoint import export_hf, latest_checkpoint, load_policy_weights
 
     run_dir = Path(args.run_dir)
     cfg_path = run_dir / "config.yaml"
@@ -98,7 +98,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from alp_agent.plots import write_report
+    from alp_agent.app.plots import write_report
 
     out = write_report(Path(args.run_dir))
     print(f"report: {out}")
@@ -106,7 +106,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_repro(args: argparse.Namespace) -> int:
-    from alp_agent.repro import execute, load_plan, write_results
+    from alp_agent.app.repro import execute, load_plan, write_results
 
     plan, cfg_path = load_plan(args.config, args.overrides)
     out_dir = Path(args.out or plan.out_dir)
@@ -125,7 +125,7 @@ def cmd_repro(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from alp_agent.evaluate_cli import run_eval_command
+    from alp_agent.app.evaluate_cli import run_eval_command
 
     return run_eval_command(args)
 
@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="Train with ALP (or a baseline) on a registered env.", epilog=EPILOG)
     t.add_argument("--config", "-c", help="YAML run config (see configs/); defaults apply where absent.")
-    t.add_argument("--resume", action="store_true", help="Continue the run in run.out_dir/run.name from its last checkpoint.")
+    t.add_argument(
+        "--resume", action="store_true", help="Continue the run in run.out_dir/run.name from its last checkpoint."
+    )
     t.add_argument("--run-dir", help="With --resume: the run directory to continue (instead of out_dir/name).")
     t.add_argument("--quiet", action="store_true", help="No live progress display.")
     t.add_argument("overrides", nargs="*", help="dotted.key=value overrides.")
@@ -145,15 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="Evaluate a model on math tool benchmarks (avg@k, pass@k).", epilog=EPILOG)
     e.add_argument("--model", required=True, help="'smollm2', a Hugging Face id or folder, or a run directory.")
-    e.add_argument("--benchmark", "-b", action="append", required=True,
-                   help="gsm8k | math500 | aime24 | aime25 | amc23 | synthetic | path/to/file.jsonl (repeatable).")
+    e.add_argument(
+        "--benchmark",
+        "-b",
+        action="append",
+        required=True,
+        help="gsm8k | math500 | aime24 | aime25 | amc23 | synthetic | path/to/file.jsonl (repeatable).",
+    )
     e.add_argument("--k", type=int, default=1, help="Samples per problem (avg@k; pass@j for j <= k).")
     e.add_argument("--limit", type=int, help="First N problems of each benchmark.")
     e.add_argument("--temperature", type=float, help="Sampling temperature (default: 0 = greedy when k=1, else 1.0).")
     e.add_argument("--no-tool", action="store_true", help="No python tool: a single-turn no-tool baseline.")
     e.add_argument("--max-turns", type=int, default=10, help="Model turns per episode (paper: 10 at eval).")
     e.add_argument("--out", help="Output folder for per-problem JSONL and the table (default: evals/<model>).")
-    e.add_argument("--data-dir", help="Folder with the benchmark JSONL files (default: $ALP_DATA_DIR or ../shared/data).")
+    e.add_argument(
+        "--data-dir", help="Folder with the benchmark JSONL files (default: $ALP_DATA_DIR or ../shared/data)."
+    )
     e.add_argument("--config", "-c", help="Run config for engine/rollout/sandbox settings.")
     e.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the run config.")
     e.set_defaults(fn=cmd_eval)
@@ -177,11 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="Saved dtype.")
     x.set_defaults(fn=cmd_export)
 
-    rr = sub.add_parser("repro", help="Small-scale reproduction of the paper: every arm, one table and plots.",
-                        epilog=EPILOG + " Overrides apply to every run of the plan.")
+    rr = sub.add_parser(
+        "repro",
+        help="Small-scale reproduction of the paper: every arm, one table and plots.",
+        epilog=EPILOG + " Overrides apply to every run of the plan.",
+    )
     rr.add_argument("--config", "-c", default="configs/repro/default.yaml", help="Repro plan (configs/repro/).")
     rr.add_argument("--out", help="Output folder (default: the plan's out_dir).")
-    rr.add_argument("--only", action="append", help="Only runs whose name contains this (repeatable), e.g. stale4_seq_alp.")
+    rr.add_argument(
+        "--only", action="append", help="Only runs whose name contains this (repeatable), e.g. stale4_seq_alp."
+    )
     rr.add_argument("--dry-run", action="store_true", help="Validate every run's config and print the commands.")
     rr.add_argument("--report-only", action="store_true", help="Only rebuild table.md and plots from finished runs.")
     rr.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every run.")
@@ -196,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return int(args.fn(args) or 0)

@@ -1,7 +1,7 @@
 """The outer loop: rollout -> `Trainer.update` -> weight sync -> eval -> checkpoint, over any rollout callable.
 
 Kept apart from the trainer (which owns one update) so the loop, its task stream, Ctrl-C handling and the optional
-asynchronous rollout read in one place. The CLI's job (`alp_agent.job`) and the GPU check call `run_training` with
+asynchronous rollout read in one place. The CLI's job (`alp_agent.app.job`) and the GPU check call `run_training` with
 `LoopHooks` instead of keeping their own copy.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from alp_agent.rollout.trajectory import Trajectory
-from alp_agent.trainer import Trainer
+from alp_agent.train.trainer import Trainer
 
 RolloutFn = Callable[[list[int], int, int], list[Trajectory]]  # (task_indices, n_per_task, policy_version)
 
@@ -138,7 +138,7 @@ def run_training(
     staleness 0. Checkpoints save the cursor of the last consumed batch: a batch sampled ahead is re-sampled after
     a resume. The engine gets the final weights before this returns. Needs an engine (the versions are its own).
     """
-    from alp_agent.checkpoint import save_checkpoint
+    from alp_agent.train.checkpoint import save_checkpoint
 
     if async_rollout and (engine is None or max_staleness < 1):
         raise ValueError("async_rollout needs an engine to load weights into and max_staleness >= 1")
