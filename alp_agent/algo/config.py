@@ -118,7 +118,8 @@ class AlgoConfig(_Strict):
     def level(self) -> RatioLevel:
         if self.ratio_level is not None:
             return self.ratio_level
-        return {"alp": "sequence", "bypass": "sequence", "gspo": "geo_sequence"}.get(self.name, "token")
+        defaults: dict[str, RatioLevel] = {"alp": "sequence", "bypass": "sequence", "gspo": "geo_sequence"}
+        return defaults.get(self.name, "token")
 
     @property
     def eps_low(self) -> float:

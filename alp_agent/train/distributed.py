@@ -220,9 +220,10 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
     from torch.distributed.tensor import DTensor
 
     params = [p for p in params if p.grad is not None]
-    if not params:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
         return 0.0
-    total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
     if isinstance(total, DTensor):
         total = total.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
