@@ -6,6 +6,10 @@ error messages for malformed calls, or a hint. The episode ends on a final answe
 `compute_reward`), on a void turn when `void_turn="end"` (terminated, reward 0), or at `max_turns` (truncated,
 reward 0). The env never sees token ids; the rollout owns the conversation and the tokens.
 
+Native tool calls (json format): each parsed call gets an id (`call_<turn>_<i>`), reported in the step info as
+`assistant_tool_calls` (the OpenAI/HF form chat templates render), and its result message carries that id as
+`tool_call_id` (and the tool's `name`), so a template renders the exchange the way the model was trained.
+
 Subclass hooks: `num_tasks`, `get_task`, `system_prompt`, `extract_answer`, `compute_reward`. The generic form needs
 no subclass: ``ToolEnv(tasks=[...], tools=[fn, ...], reward_fn=...)``.
 """
@@ -15,20 +19,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import gymnasium as gym
 from gymnasium.envs.registration import EnvSpec
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
+from envs.config import DEFAULT_VOID_HINT, ToolEnvConfig
 from envs.grading import normalize
-from envs.parsing import INVALID_TEXT, STOP_STRINGS, ParsedTurn, parse_turn
+from envs.parsing import INVALID_TEXT, STOP_STRINGS, ParsedTurn, ToolCall, parse_turn
+from envs.protocol import Message, StepInfo, StepResult, ToolCallSpec
 from envs.spaces import ChatMessages, UnicodeText
+from envs.support import ByReference, EpisodeTotals, step_executor, truncate_middle, unwrap_reference
 from envs.task import Task
 from envs.tools import PYTHON_TOOL, Tool, ToolContext, as_tool
 from sandbox.base import Sandbox, Session
@@ -36,101 +41,42 @@ from sandbox.config import SandboxConfig
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_VOID_HINT = (
-    "Your last message had neither a tool call nor a final answer. Call a tool to compute, "
-    "or give the final answer as \\boxed{...}."
-)
-
-
-class ToolEnvConfig(BaseModel):
-    """Episode rules shared by every tool env. Embedded in the run config YAML under the env section."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tool_format: Literal["fenced", "json"] = Field(
-        "fenced", description="'fenced': ```python blocks (TIR); 'json': <tool_call>{...}</tool_call> (Hermes/Qwen)."
-    )
-    max_turns: int = Field(6, ge=1, description="Model turns per episode; reaching it without an answer truncates.")
-    max_tool_calls: int = Field(8, ge=0, description="Tool calls per episode; later calls get an error, not run.")
-    max_tool_calls_per_turn: int = Field(1, ge=1, description="Calls run per turn; extra ones get an error.")
-    max_observation_chars: int = Field(
-        2000, ge=100, description="Longer tool output is cut in the middle with a marker (counted in info)."
-    )
-    max_call_chars: int = Field(16000, ge=1, description="Longer code/arguments are rejected unrun ('too_long').")
-    max_action_chars: int = Field(200_000, ge=1, description="Bound of the action space (one model turn).")
-    tool_timeout_s: float | None = Field(None, gt=0, description="Per-call time limit; None: the sandbox's default.")
-    void_turn: Literal["end", "hint"] = Field(
-        "end", description="A turn with no tool call and no answer: 'end' the episode (reward 0) or reply a hint."
-    )
-    void_hint: str = Field(DEFAULT_VOID_HINT, description="The hint message for void_turn='hint'.")
-    tool_role: str = Field("tool", description="Role of tool-result messages ('tool'; 'user' for templates without).")
-    system_prompt: str | None = Field(None, description="Overrides the env's default system prompt ('' = none).")
-    sandbox_config: SandboxConfig | None = Field(
-        None, description="Config of the env's own sandbox when none is passed in; None: SandboxConfig() defaults."
-    )
+__all__ = [
+    "DEFAULT_VOID_HINT",
+    "ByReference",
+    "ToolEnv",
+    "ToolEnvConfig",
+    "step_executor",
+    "truncate_middle",
+    "unwrap_reference",
+]
 
 
 @dataclass
-class _Episode:
-    """Running totals of one episode (reported in every info)."""
+class _TurnCalls:
+    """What running one turn's calls produced: one result per call (its output or why it did not run), then one
+    message per malformed call, plus the counts for the step info."""
 
-    turn: int = 0
-    tool_calls: int = 0
-    tool_errors: int = 0
-    parse_errors: int = 0
-    void_turns: int = 0
-    observation_truncated: int = 0
-    successful_calls: int = 0
-    done: bool = False
+    results: list[tuple[str, str | None, str | None]] = field(default_factory=list)  # (content, call id, tool name)
+    spec: list[ToolCallSpec] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # invalid-text repairs, told with the first message
+    error_kinds: list[str] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)
+    run: int = 0
+    errors: int = 0
+    truncated: int = 0
 
-
-class ByReference:
-    """A constructor argument that `EnvSpec.make` passes on as is instead of deep-copying it.
-
-    `gymnasium.make` records the kwargs in `env.spec`, and `spec.make()` (used by `check_env` and by users to clone an
-    env) deep-copies them; a live Sandbox (threads, locks, processes) must be shared, not copied.
-    """
-
-    def __init__(self, obj: Any):
-        self.obj = obj
-
-    def __deepcopy__(self, memo: dict) -> ByReference:
-        return self
-
-    def __repr__(self) -> str:
-        return f"ByReference({self.obj!r})"
+    def messages(self, role: str) -> list[Message]:
+        out: list[Message] = []
+        for k, (content, call_id, name) in enumerate(self.results):
+            msg: Message = {"role": role, "content": "\n".join(self.notes + [content]) if k == 0 else content}
+            if call_id is not None and role == "tool":
+                msg.update(tool_call_id=call_id, name=name)
+            out.append(msg)
+        return out
 
 
-def unwrap_reference(obj: Any) -> Any:
-    return obj.obj if isinstance(obj, ByReference) else obj
-
-
-_executor: ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
-
-
-def step_executor() -> ThreadPoolExecutor:
-    """The thread pool behind `astep` (size: $ALP_ENV_THREADS, default 256)."""
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            size = int(os.environ.get("ALP_ENV_THREADS", "256"))
-            _executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="alp-env-step")
-        return _executor
-
-
-def truncate_middle(text: str, limit: int) -> tuple[str, bool]:
-    """Keep head and tail of an over-long tool output; the marker says how much was cut (the model should know)."""
-    if len(text) <= limit:
-        return text, False
-    marker = "\n...[{} characters cut]...\n"
-    room = max(0, limit - len(marker.format(len(text))))
-    head, tail = room * 2 // 3, room - room * 2 // 3
-    cut = len(text) - head - tail
-    return text[:head] + marker.format(cut) + (text[len(text) - tail :] if tail else ""), True
-
-
-class ToolEnv(gym.Env):
+class ToolEnv(gym.Env[list[dict], str]):
     """Multi-turn tool-use environment. See the module docstring for the episode rules."""
 
     metadata: ClassVar[dict] = {"render_modes": ["ansi"]}
@@ -172,7 +118,7 @@ class ToolEnv(gym.Env):
         self._session: Session | None = None
         self._task: Task | None = None
         self._task_index = -1
-        self._ep = _Episode(done=True)
+        self._ep = EpisodeTotals(done=True)
         self._transcript: list[dict] = []
         roles = ("system", "user", "assistant", self.config.tool_role)
         self.observation_space = ChatMessages(roles=tuple(dict.fromkeys(roles)))
@@ -236,6 +182,17 @@ class ToolEnv(gym.Env):
         """JSON schemas for `apply_chat_template(tools=...)` (used by the json format)."""
         return [t.schema() for t in self.tools.values()]
 
+    @property
+    def tool_format(self) -> str:
+        """'fenced' or 'json': the rollout shows json-format tools to the model (template `tools=` or a section)."""
+        return self.config.tool_format
+
+    @property
+    def tools_in_prompt(self) -> bool:
+        """Whether the env's own system prompt already describes its tools and the call format (the generic
+        default prompt does not; subclasses with a tool-describing prompt say True)."""
+        return False
+
     # ------------------------------------------------------------------ sandbox session
 
     @property
@@ -249,7 +206,7 @@ class ToolEnv(gym.Env):
             return self._shared_sandbox
         with self._sandbox_lock:
             if self._own_sandbox is None:
-                from sandbox.pool import shared_sandbox
+                from sandbox import shared_sandbox
 
                 self._own_sandbox = shared_sandbox(self.config.sandbox_config or SandboxConfig())
             return self._own_sandbox
@@ -282,99 +239,109 @@ class ToolEnv(gym.Env):
         else:
             index = int(self.np_random.integers(n))
         self._task_index, self._task = index, self.get_task(index)
-        self._ep = _Episode()
+        self._ep = EpisodeTotals()
         obs = self.build_messages(self._task)
         self._transcript = [dict(m) for m in obs]
         info = {"task_index": index, "task_id": self._task.id, "reference_answer": self._task.answer}
-        info.update(self._totals())
+        info.update(self._ep.as_info())
         return obs, info
 
-    def step(self, action: str) -> tuple[list[dict], float, bool, bool, dict]:
+    def step(self, action: str) -> StepResult:
         """Parse one model turn, run its calls, and return (messages to append, reward, terminated, truncated, info)."""
         if self._ep.done:
             raise RuntimeError("step() called on a finished episode; call reset() first")
         if not isinstance(action, (str, bytes, bytearray)):
             raise TypeError(f"action must be the text of one model turn (str), got {type(action).__name__}")
-        ep = self._ep
+        ep, cfg = self._ep, self.config
         ep.turn += 1
-        cfg = self.config
         parsed = parse_turn(action, cfg.tool_format, self.tools, cfg.max_call_chars)
         self._transcript.append({"role": "assistant", "content": parsed.text})
-
-        contents: list[str] = []  # one tool message per call (its output or why it did not run), then parse errors
-        notes = [e.message for e in parsed.errors if e.kind == INVALID_TEXT]
-        parse_error_kinds = [e.kind for e in parsed.errors]
-        tool_calls = tool_errors = truncated_obs = 0
-        statuses: list[str] = []
-        for i, call in enumerate(parsed.calls):
-            if i >= cfg.max_tool_calls_per_turn:
-                parse_error_kinds.append("too_many_calls")
-                contents.append(
-                    f"Error: only {cfg.max_tool_calls_per_turn} tool call(s) per turn; this one was not run."
-                )
-                continue
-            if ep.tool_calls >= cfg.max_tool_calls:
-                parse_error_kinds.append("call_budget")
-                contents.append(f"Error: the budget of {cfg.max_tool_calls} tool calls is used up; give your answer.")
-                continue
-            ctx = ToolContext(session=self._get_session, timeout_s=cfg.tool_timeout_s, env=self)
-            out = self.tools[call.name](call.arguments, ctx)
-            tool_calls += 1
-            ep.tool_calls += 1
-            tool_errors += out.error
-            ep.successful_calls += not out.error
-            statuses.append(out.status)
-            text, cut = truncate_middle(out.content, cfg.max_observation_chars)
-            truncated_obs += cut
-            contents.append(self._wrap_output(text))
-
-        contents += [f"Error: {e.message}" for e in parsed.errors if e.kind != INVALID_TEXT]
-        ep.tool_errors += tool_errors
-        ep.parse_errors += len(parse_error_kinds)
-        ep.observation_truncated += truncated_obs
+        calls = self._run_calls(parsed)
         answer = None if parsed.attempted_call else self.extract_answer(parsed)
         void = not parsed.attempted_call and answer is None
+        ep.tool_errors += calls.errors
+        ep.parse_errors += len(calls.error_kinds)
+        ep.observation_truncated += calls.truncated
         ep.void_turns += void
-
-        reward, terminated, truncated, extra = 0.0, False, False, {}
-        obs: list[dict] = []
-        if parsed.attempted_call:
-            obs = [{"role": cfg.tool_role, "content": "\n".join(notes + [c])} for c in contents[:1]]
-            obs += [{"role": cfg.tool_role, "content": c} for c in contents[1:]]
-        elif answer is not None:
-            terminated = True
-            reward, extra = self.compute_reward(answer, self._task)
-            extra["end_reason"] = "answer"
-        elif cfg.void_turn == "end":
-            terminated = True
-            extra = {"end_reason": "void", "correct": False}
-        else:
-            obs = [{"role": "user", "content": "\n".join(notes + [cfg.void_hint])}]
-        if not terminated and ep.turn >= cfg.max_turns:
-            truncated, obs = True, []
-            extra = {"end_reason": "max_turns", "correct": False}
+        obs, reward, terminated, truncated, extra = self._outcome(parsed, calls, answer)
         if terminated or truncated:
             ep.done = True
             self._close_session()
         self._transcript += [dict(m) for m in obs]
-
-        info = {
-            "tool_calls": tool_calls,
-            "tool_errors": tool_errors,
+        info: StepInfo = {
+            "tool_calls": calls.run,
+            "tool_errors": calls.errors,
             "void_turn": void,
             "parsed_answer": answer,
-            "sandbox_status": statuses[-1] if statuses else None,
-            "sandbox_statuses": statuses,
-            "observation_truncated": truncated_obs,
-            "parse_errors": len(parse_error_kinds),
-            "parse_error_kinds": parse_error_kinds,
+            "sandbox_status": calls.statuses[-1] if calls.statuses else None,
+            "sandbox_statuses": calls.statuses,
+            "observation_truncated": calls.truncated,
+            "parse_errors": len(calls.error_kinds),
+            "parse_error_kinds": calls.error_kinds,
             "task_index": self._task_index,
-            **self._totals(),
-            **extra,
+            "assistant_tool_calls": calls.spec,
         }
-        return obs, float(reward), terminated, truncated, info
+        info.update(ep.as_info())  # type: ignore[typeddict-item]
+        info.update(extra)  # type: ignore[typeddict-item]
+        return obs, reward, terminated, truncated, info
 
-    async def astep(self, action: str) -> tuple[list[dict], float, bool, bool, dict]:
+    def _run_calls(self, parsed: ParsedTurn) -> _TurnCalls:
+        """Run the turn's calls in order (within the per-turn and per-episode budgets); json-format calls get ids."""
+        out = _TurnCalls(error_kinds=[e.kind for e in parsed.errors])
+        out.notes = [e.message for e in parsed.errors if e.kind == INVALID_TEXT]
+        native = self.config.tool_format == "json"
+        for i, call in enumerate(parsed.calls):
+            call_id = f"call_{self._ep.turn}_{i}" if native else None
+            if call_id is not None:
+                out.spec.append(
+                    {"id": call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+                )
+            out.results.append((self._call_or_refusal(call, i, out), call_id, call.name))
+        out.results += [(f"Error: {e.message}", None, None) for e in parsed.errors if e.kind != INVALID_TEXT]
+        return out
+
+    def _call_or_refusal(self, call: ToolCall, index: int, out: _TurnCalls) -> str:
+        """The tool's (cut) output, or the error saying why the call was not run."""
+        cfg, ep = self.config, self._ep
+        if index >= cfg.max_tool_calls_per_turn:
+            out.error_kinds.append("too_many_calls")
+            return f"Error: only {cfg.max_tool_calls_per_turn} tool call(s) per turn; this one was not run."
+        if ep.tool_calls >= cfg.max_tool_calls:
+            out.error_kinds.append("call_budget")
+            return f"Error: the budget of {cfg.max_tool_calls} tool calls is used up; give your answer."
+        ctx = ToolContext(session=self._get_session, timeout_s=cfg.tool_timeout_s, env=self)
+        res = self.tools[call.name](call.arguments, ctx)
+        out.run += 1
+        ep.tool_calls += 1
+        out.errors += res.error
+        ep.successful_calls += not res.error
+        out.statuses.append(res.status)
+        text, cut = truncate_middle(res.content, cfg.max_observation_chars)
+        out.truncated += cut
+        return self._wrap_output(text)
+
+    def _outcome(
+        self, parsed: ParsedTurn, calls: _TurnCalls, answer: str | None
+    ) -> tuple[list[Message], float, bool, bool, dict]:
+        """(messages, reward, terminated, truncated, extra info) of the turn, by the episode rules."""
+        cfg = self.config
+        reward, terminated, extra, obs = 0.0, False, {}, []
+        if parsed.attempted_call:
+            obs = calls.messages(cfg.tool_role)
+        elif answer is not None:
+            assert self._task is not None
+            terminated = True
+            reward, extra = self.compute_reward(answer, self._task)
+            extra["end_reason"] = "answer"
+        elif cfg.void_turn == "end":
+            terminated, extra = True, {"end_reason": "void", "correct": False}
+        else:
+            obs = [{"role": "user", "content": "\n".join(calls.notes + [cfg.void_hint])}]
+        if not terminated and self._ep.turn >= cfg.max_turns:
+            return [], 0.0, False, True, {"end_reason": "max_turns", "correct": False}
+        return obs, float(reward), terminated, False, extra
+
+    async def astep(self, action: str) -> StepResult:
         """Non-blocking step: the sandbox call runs in a worker thread so many episodes step at once.
 
         Uses a wide shared thread pool, not asyncio's default one (min(32, cpus + 4) threads): steps mostly wait on
@@ -386,17 +353,6 @@ class ToolEnv(gym.Env):
     def _wrap_output(self, text: str) -> str:
         """Fenced format shows outputs as ```output blocks (the TIR convention); json format as plain text."""
         return f"```output\n{text}\n```" if self.config.tool_format == "fenced" else text
-
-    def _totals(self) -> dict:
-        ep = self._ep
-        return {
-            "turn": ep.turn,
-            "total_tool_calls": ep.tool_calls,
-            "total_tool_errors": ep.tool_errors,
-            "total_parse_errors": ep.parse_errors,
-            "total_void_turns": ep.void_turns,
-            "total_observation_truncated": ep.observation_truncated,
-        }
 
     def render(self) -> str | None:
         """'ansi': the conversation so far as text."""

@@ -102,6 +102,11 @@ class MathToolEnv(ToolEnv):
     def grader(self) -> Grader:
         return self._grader or shared_grader(self.config.grading)
 
+    @property
+    def tools_in_prompt(self) -> bool:
+        """The built-in prompts describe the `python` tool and its call format; a user's prompt may not."""
+        return self.config.system_prompt is None
+
     def system_prompt(self) -> str:
         if self.config.system_prompt is not None:
             return self.config.system_prompt

@@ -47,6 +47,19 @@ def register_tool_env(
     register_env(env_id, "envs.base:ToolEnv", **kwargs)
 
 
+def load_env_modules(modules: Sequence[str] = ()) -> None:
+    """Register the built-in envs, then import each of `modules` (a user's env module registers itself when
+    imported). The one loader behind `env.imports` in run configs and `alp-agent envs --import`."""
+    import importlib
+
+    register_builtins()
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ImportError(f"env module {name!r} could not be imported: {exc}") from exc
+
+
 def register_builtins() -> None:
     for env_id, (entry_point, kwargs) in BUILTIN_IDS.items():
         if env_id not in gym.registry:

@@ -18,6 +18,7 @@ schema: that is how the built-in `python` tool reaches the episode's persistent 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import re
 import types
@@ -258,3 +259,25 @@ def python(code: str, ctx: ToolContext) -> ToolOutput:
 
 
 PYTHON_TOOL = Tool(python)
+
+
+# --------------------------------------------------------------------------------------------------- tool prompt
+
+_TOOL_SECTION = """# Tools
+
+You may call one or more functions to help with the task. The functions, as JSON schemas:
+<tools>
+{schemas}
+</tools>
+
+To call a function, write a JSON object with its name and arguments inside <tool_call></tool_call> tags, then stop:
+<tool_call>
+{{"name": <function-name>, "arguments": <args-json-object>}}
+</tool_call>
+The result comes back in the next message."""
+
+
+def tool_prompt_section(schemas: list[dict]) -> str:
+    """The tool section for a system prompt (Hermes/Qwen call format) when the chat template does not render
+    `tools=` itself: the names, the JSON schemas and how to call them."""
+    return _TOOL_SECTION.format(schemas="\n".join(json.dumps(s, ensure_ascii=False) for s in schemas))

@@ -29,10 +29,9 @@ def make_env_fn(cfg: RunConfig, sandbox, eval_env: bool = False) -> tuple[Callab
     `num_tasks`."""
     import gymnasium as gym
 
-    import envs  # noqa: F401 - registers the built-in envs
+    from envs.registration import load_env_modules
 
-    for mod in cfg.env.imports:
-        __import__(mod)
+    load_env_modules(cfg.env.imports)
     kwargs = dict(cfg.env.kwargs)
     if eval_env:
         kwargs = deep_merge(kwargs, cfg.eval.env_kwargs)
@@ -173,8 +172,10 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
     from alp_agent.app.progress import Progress
     from alp_agent.models import load_model
     from alp_agent.train import distributed as D
+    from alp_agent.train import ranks
     from alp_agent.train.checkpoint import latest_checkpoint, load_checkpoint
     from alp_agent.train.logging import MetricsWriter
+    from alp_agent.train.ranks import Command
     from alp_agent.train.trainer import Trainer
 
     if cfg.rollout.temperature <= 0:
@@ -215,7 +216,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
         try:
             ckpt = latest_checkpoint(ckpt_dir) if resume else None
             if dist_on:  # the other ranks build their trainer (and load the checkpoint) with ours
-                D.broadcast_object(("start", (comps.model_dir, str(ckpt) if ckpt is not None else None)), command=True)
+                ranks.announce(Command.START, (comps.model_dir, str(ckpt) if ckpt is not None else None))
             # the trainer's device: cuda:LOCAL_RANK on a GPU machine (one process: cuda:0), else the CPU
             model = load_model(comps.model_dir, dtype=torch.float32, device=D.local_device())
             trainer = Trainer(model, cfg.trainer, writer=writer)
@@ -260,7 +261,9 @@ def _follow(cfg: RunConfig) -> dict[str, Any]:
 
     from alp_agent.models import load_model
     from alp_agent.train import distributed as D
+    from alp_agent.train import ranks
     from alp_agent.train.checkpoint import load_checkpoint
+    from alp_agent.train.ranks import Command
     from alp_agent.train.trainer import Trainer
 
     with contextlib.suppress(ValueError):  # not the main thread (tests): keep the default handler
@@ -269,8 +272,8 @@ def _follow(cfg: RunConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
     summary = {"run_dir": str(run_dir_of(cfg)), "rank": D.rank()}
-    command, payload = D.broadcast_object(None, command=True)
-    if command != "start":  # rank 0 finished before training started
+    command, payload = ranks.receive()
+    if command is not Command.START:  # rank 0 finished before training started
         return summary
     model_dir, ckpt = payload  # rank 0 resolved (and downloaded) the model already
     trainer = Trainer(load_model(model_dir, dtype=torch.float32, device=D.local_device()), cfg.trainer)

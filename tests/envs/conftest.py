@@ -40,9 +40,12 @@ def data_dir() -> Path:
 
 @pytest.fixture(autouse=True, scope="module")
 def _close_process_wide_sandboxes():
-    """Envs made without a sandbox use the process-wide one (sandbox.pool.shared_sandbox); close it after each test
+    """Envs made without a sandbox use the process-wide one (sandbox.shared_sandbox); close it after each test
     module so its warm jails do not outlive the env tests (the sandbox tests count server processes)."""
     yield
-    from sandbox.pool import _close_shared
+    try:
+        from sandbox.factory import _close_shared
+    except ImportError:  # before the sandbox factory moved out of sandbox.pool
+        from sandbox.pool import _close_shared
 
     _close_shared()

@@ -78,9 +78,15 @@ def test_user_env_in_a_few_lines(sandbox):
     assert schema["parameters"]["required"] == ["value"]
     env.reset(seed=0)
     obs, *_, info = env.step('<tool_call>{"name": "convert", "arguments": {"value": 3}}</tool_call>')
-    assert obs == [{"role": "tool", "content": "3000"}] and calls == [(3, "km")]
+    # native tool call: the result carries the call's id, and the info has the call in the template's form
+    assert obs == [{"role": "tool", "content": "3000", "tool_call_id": "call_1_0", "name": "convert"}]
+    assert calls == [(3, "km")] and info["assistant_tool_calls"] == [
+        {"id": "call_1_0", "type": "function", "function": {"name": "convert", "arguments": {"value": 3}}}
+    ]
+    assert env.unwrapped.tool_format == "json" and not env.unwrapped.tools_in_prompt
     obs, *_, info = env.step('<tool_call>{"name": "convert", "arguments": {"value": "x"}}</tool_call>')
     assert "should be number" in obs[0]["content"] and info["parse_error_kinds"] == ["bad_arguments"]
+    assert "tool_call_id" not in obs[0] and info["assistant_tool_calls"] == []  # a rejected call has no id
     _, reward, terminated, _, _ = env.step("\\boxed{3000}")
     assert reward == 1.0 and terminated
     check_env(env)
