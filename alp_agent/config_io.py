@@ -117,6 +117,13 @@ def load_config(model_cls: type[M], path: str | Path | None = None, overrides: l
     return validate(model_cls, data, str(path) if path else "config")
 
 
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None):
+    """The run config (`alp_agent.config.RunConfig`) from an optional YAML file plus dotted overrides."""
+    from alp_agent.config import RunConfig
+
+    return load_config(RunConfig, path, overrides)
+
+
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
     """Write the fully resolved config (all defaults filled in) so a run directory says exactly what ran."""
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

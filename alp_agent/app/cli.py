@@ -14,22 +14,15 @@ import shlex
 import sys
 from pathlib import Path
 
-from alp_agent.config_io import ConfigError
+from alp_agent.config_io import ConfigError, load_run_config
 
 EPILOG = "Overrides: any config key as dotted.key=value, e.g. trainer.algo.name=bypass run.iterations=2."
-
-
-def _load_run_config(path: str | None, overrides: list[str]):
-    from alp_agent.config import RunConfig
-    from alp_agent.config_io import load_config
-
-    return load_config(RunConfig, path, overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from alp_agent.app.job import train
 
-    cfg = _load_run_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     if args.resume and args.run_dir:
         p = Path(args.run_dir)
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"out_dir": str(p.parent), "name": p.name})})
@@ -48,10 +41,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_envs(args: argparse.Namespace) -> int:
     import gymnasium as gym
 
-    import envs  # noqa: F401 - registers the built-ins
+    from envs.registration import load_env_modules
 
-    for mod in args.imports:
-        __import__(mod)
+    load_env_modules(args.imports)
     for env_id in sorted(k for k in gym.registry if k.startswith(args.prefix)):
         spec = gym.registry[env_id]
         print(f"{env_id:28s} {spec.entry_point}  {json.dumps(spec.kwargs, default=str)[:80]}")
@@ -61,7 +53,7 @@ def cmd_envs(args: argparse.Namespace) -> int:
 def cmd_rollout(args: argparse.Namespace) -> int:
     from alp_agent.app.job import build_inference, render_episode
 
-    cfg = _load_run_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     comps = build_inference(cfg)
     try:
         tasks = list(range(args.start, args.start + args.episodes))
@@ -75,24 +67,9 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
+    from alp_agent.train.checkpoint import export_run
 
-    from alp_agent.models import load_model, load_tokenizer, resolve_model
-    from alp_agent.train.checkpoint import export_hf, latest_checkpoint, load_policy_weights
-
-    run_dir = Path(args.run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = _load_run_config(str(cfg_path), [])
-    ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir / "checkpoints")
-    if ckpt is None:
-        raise ConfigError(f"no checkpoint in {run_dir / 'checkpoints'}")
-    base = resolve_model(cfg.engine.model)
-    model = load_model(base, dtype=torch.float32)
-    load_policy_weights(model, ckpt)  # a single-file or a sharded (FSDP2, torchrun) checkpoint
-    dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
-    out = export_hf(model, args.out or run_dir / "export", tokenizer=load_tokenizer(base), dtype=dtype)
+    ckpt, out = export_run(args.run_dir, args.checkpoint, args.out, args.dtype)
     print(f"exported {ckpt} -> {out}")
     return 0
 
@@ -152,18 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
         "-b",
         action="append",
         required=True,
-        help="gsm8k | math500 | aime24 | aime25 | amc23 | synthetic | path/to/file.jsonl (repeatable).",
+        help="gsm8k | math500 | aime24 | aime25 | amc23 | synthetic | heldout (the run config's own held-out set) | "
+        "path/to/file.jsonl (repeatable).",
     )
     e.add_argument("--k", type=int, default=1, help="Samples per problem (avg@k; pass@j for j <= k).")
     e.add_argument("--limit", type=int, help="First N problems of each benchmark.")
     e.add_argument("--temperature", type=float, help="Sampling temperature (default: 0 = greedy when k=1, else 1.0).")
     e.add_argument("--no-tool", action="store_true", help="No python tool: a single-turn no-tool baseline.")
-    e.add_argument("--max-turns", type=int, default=10, help="Model turns per episode (paper: 10 at eval).")
+    e.add_argument(
+        "--max-turns", type=int, help="Model turns per episode (default: the run config's; else 10, the paper's)."
+    )
     e.add_argument("--out", help="Output folder for per-problem JSONL and the table (default: evals/<model>).")
     e.add_argument(
-        "--data-dir", help="Folder with the benchmark JSONL files (default: $ALP_DATA_DIR or ../shared/data)."
+        "--data-dir", help="Folder with the benchmark JSONL files (default: $ALP_DATA_DIR, else the Hugging Face hub)."
     )
-    e.add_argument("--config", "-c", help="Run config for engine/rollout/sandbox settings.")
+    e.add_argument(
+        "--config",
+        "-c",
+        help="Run config for env/engine/rollout/sandbox settings (default: a run directory's own config.yaml).",
+    )
     e.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the run config.")
     e.set_defaults(fn=cmd_eval)
 

@@ -205,3 +205,30 @@ def export_hf(model, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | N
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def export_run(
+    run_dir: str | Path, checkpoint: str | Path | None = None, out: str | Path | None = None, dtype: str = "float32"
+) -> tuple[Path, Path]:
+    """Export a run directory's checkpoint (default: the latest) as a plain HF folder (default: <run_dir>/export).
+
+    The base model comes from the run's own config.yaml; a checkpoint of either format (single file or sharded)
+    is loaded into it. Returns (checkpoint used, export folder). Raises ConfigError for a folder that is not a run.
+    """
+    from alp_agent.config_io import ConfigError, load_run_config
+    from alp_agent.models import load_model, load_tokenizer, resolve_model
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_run_config(cfg_path)
+    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        raise ConfigError(f"no checkpoint in {run_dir / 'checkpoints'}")
+    base = resolve_model(cfg.engine.model)
+    model = load_model(base, dtype=torch.float32)
+    load_policy_weights(model, ckpt)  # a single-file or a sharded (FSDP2, torchrun) checkpoint
+    cast = None if dtype == "float32" else getattr(torch, dtype)
+    folder = export_hf(model, out or run_dir / "export", tokenizer=load_tokenizer(base), dtype=cast)
+    return ckpt, folder
