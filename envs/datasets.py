@@ -1,8 +1,10 @@
 """Task sets: synthetic, GSM8K, MATH-500, AIME 2024/2025, AMC 2023, any JSONL/Parquet file, Hugging Face `datasets`.
 
-All offline-capable: a built-in name resolves to ``path`` if given, else ``<data_dir>/<file>`` (``data_dir`` defaults
-to ``$ALP_DATA_DIR``), else the Hugging Face hub through `datasets` when it is installed (imported lazily), else a
-clear error. GSM8K's reference is the number after ``####``.
+A built-in benchmark name resolves, in this order, to ``path`` if given; else ``<data_dir>/<file>`` (``data_dir``
+defaults to ``$ALP_DATA_DIR``; the CLI's ``--data-dir`` sets it), so runs work offline from local JSONL copies; else
+the Hugging Face hub through `datasets` (the optional ``hub`` extra, imported lazily: it downloads on first use and
+then reads its cache); else one clear error line saying what to set. The project ships no data files.
+GSM8K's reference is the number after ``####``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ from envs.task import Task
 
 DatasetName = Literal["synthetic", "gsm8k", "math500", "aime24", "aime25", "amc23", "jsonl", "parquet", "hf"]
 
-# name -> (file name pattern in data_dir, HF path, HF config, HF split, answer format)
+# name -> (file name pattern in data_dir, HF dataset id, HF config, HF split, answer format). The hub copies' columns
+# (question / reference): openai/gsm8k 'main' (train 7473, test 1319 rows): question / answer ("... #### 72");
+# HuggingFaceH4/MATH-500 test (500): problem / answer (also solution, subject, level, unique_id);
+# HuggingFaceH4/aime_2024 train (30): problem / answer (also id, solution, url, year); math-ai/aime25 test (30):
+# problem / answer; math-ai/amc23 test (40): question / answer (also id, url). The default field lookup below
+# (problem/question/..., answer/solution/...) picks the right column in each, and in the local JSONL copies.
 BUILTIN: dict[str, tuple[str, str, str | None, str, str]] = {
     "gsm8k": ("gsm8k_{split}.jsonl", "openai/gsm8k", "main", "{split}", "gsm8k"),
     "math500": ("math500.jsonl", "HuggingFaceH4/MATH-500", None, "test", "raw"),
@@ -74,6 +81,13 @@ def _pick(row: dict, field: str | None, defaults: tuple[str, ...], what: str, so
     raise KeyError(f"{source}: no {what} field among {defaults}; set {what}_field (fields: {sorted(row)})")
 
 
+def _answer_text(value: Any) -> str:
+    """A reference as text; a whole float (a hub column typed float, e.g. 27.0) is written as the integer '27'."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def rows_to_tasks(rows: Sequence[dict], config: DatasetConfig, source: str) -> list[Task]:
     """Map raw rows to Tasks with the config's field mapping and answer format."""
     from envs.grading import extract_boxed
@@ -84,7 +98,7 @@ def rows_to_tasks(rows: Sequence[dict], config: DatasetConfig, source: str) -> l
     tasks = []
     for i, row in enumerate(rows):
         question = _pick(row, config.question_field, _QUESTION_KEYS, "question", source)
-        answer = str(_pick(row, config.answer_field, _ANSWER_KEYS, "answer", source))
+        answer = _answer_text(_pick(row, config.answer_field, _ANSWER_KEYS, "answer", source))
         if fmt == "gsm8k":
             answer = gsm8k_answer(answer)
         elif fmt == "boxed":
@@ -123,12 +137,21 @@ def read_parquet(path: str | Path) -> list[dict]:
 
 
 def read_hf(hf_path: str, hf_config: str | None, split: str) -> list[dict]:
-    """Rows of a Hugging Face dataset (needs `pip install datasets` and network or its cache)."""
+    """Rows of a Hugging Face dataset: downloaded on first use, then read from the `datasets` cache.
+
+    Raises ImportError when `datasets` is not installed, and a RuntimeError naming the offline alternative when the
+    hub cannot be reached (or the id/split does not exist)."""
     try:
         import datasets as hf_datasets
     except ImportError:
         raise ImportError(f"loading '{hf_path}' from the Hugging Face hub needs: pip install datasets") from None
-    return list(hf_datasets.load_dataset(hf_path, hf_config, split=split))
+    try:
+        return list(hf_datasets.load_dataset(hf_path, hf_config, split=split))
+    except Exception as exc:
+        raise RuntimeError(
+            f"could not load '{hf_path}' (config {hf_config}, split {split}) from the Hugging Face hub: {exc}. "
+            "Offline, point $ALP_DATA_DIR or --data-dir at a folder with local copies."
+        ) from exc
 
 
 def read_file(path: str | Path) -> list[dict]:
@@ -147,13 +170,15 @@ def _builtin_rows(config: DatasetConfig) -> tuple[list[dict], str]:
         candidate = Path(data_dir) / file_pat.format(split=config.split)
         if candidate.exists():
             return read_file(candidate), str(candidate)
+    hf = config.hf_path or hf_path
     try:
-        hf = config.hf_path or hf_path
         return read_hf(hf, config.hf_config or hf_config, hf_split.format(split=config.split)), hf
     except ImportError:
+        where = f" (not in {data_dir})" if data_dir else ""
         raise FileNotFoundError(
-            f"dataset '{config.name}': no local copy (set data_dir or $ALP_DATA_DIR to a folder with "
-            f"{file_pat.format(split=config.split)}, or path=...) and the `datasets` package is not installed"
+            f"dataset '{config.name}': no local copy of {file_pat.format(split=config.split)}{where}; set "
+            f"$ALP_DATA_DIR or --data-dir (data_dir=) to a folder with it, or install `datasets` "
+            f"(pip install 'alp-agent[hub]') to load {hf} from the Hugging Face hub"
         ) from None
 
 

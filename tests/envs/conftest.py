@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ import envs  # noqa: F401  (registers the alp/ ids)
 from sandbox import SandboxConfig
 from tests.procs import descendants  # noqa: F401 - re-exported for the tests of this folder
 
-DATA_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+# Local benchmark copies (gsm8k_test.jsonl, math500.jsonl, ...) come through $ALP_DATA_DIR; scripts/test.sh sets it
+# when ../shared/data exists beside the checkout.
+DATA_DIR = Path(os.environ["ALP_DATA_DIR"]) if os.environ.get("ALP_DATA_DIR") else None
 FAST_SANDBOX = {
     "timeout_s": 10,
     "memory_mb": 512,
@@ -33,8 +36,8 @@ def sandbox():
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    if not DATA_DIR.is_dir():
-        pytest.skip(f"benchmark copies not found at {DATA_DIR} (see shared/data/README.md)")
+    if DATA_DIR is None or not DATA_DIR.is_dir():
+        pytest.skip(f"no local benchmark copies: set ALP_DATA_DIR to a folder with them (now {DATA_DIR})")
     return DATA_DIR.resolve()
 
 

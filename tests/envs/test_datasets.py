@@ -1,8 +1,11 @@
-"""Dataset loaders on the shared benchmark copies (skipped when absent), file formats, synthetic generator."""
+"""Dataset loaders: the local benchmark copies ($ALP_DATA_DIR; skipped when unset), the Hugging Face path (with a stub
+of `datasets`: tests have no network), file formats, the one-line error, the synthetic generator."""
 
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import pytest
 
@@ -28,7 +31,7 @@ def test_gsm8k_answer():
         (lambda d: load_amc(data_dir=str(d)), 40, "27"),
     ],
 )
-def test_builtin_loaders_on_shared_copies(data_dir, loader, n, first_answer):
+def test_builtin_loaders_on_local_copies(data_dir, loader, n, first_answer):
     tasks = loader(data_dir)
     assert len(tasks) == n
     assert all(t.prompt and t.answer for t in tasks)
@@ -77,14 +80,14 @@ def test_parquet(tmp_path):
 
 def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("ALP_DATA_DIR", raising=False)
-    try:
-        import datasets  # noqa: F401
-
-        pytest.skip("`datasets` is installed: the loader would go online")
-    except ImportError:
-        pass
-    with pytest.raises(FileNotFoundError, match="gsm8k_test.jsonl"):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed (import raises ImportError)
+    with pytest.raises(FileNotFoundError) as err:
         load_tasks(DatasetConfig(name="gsm8k", data_dir=str(tmp_path)))
+    msg = str(err.value)
+    assert "\n" not in msg and "gsm8k_test.jsonl" in msg and str(tmp_path) in msg
+    assert all(hint in msg for hint in ("ALP_DATA_DIR", "--data-dir", "datasets", "openai/gsm8k")), msg
+    with pytest.raises(FileNotFoundError, match="math500.jsonl; set"):
+        load_tasks(DatasetConfig(name="math500"))  # no data_dir at all: no "(not in ...)" part
     with pytest.raises(ValueError, match="path"):
         load_tasks(DatasetConfig(name="jsonl"))
     with pytest.raises(Exception, match="nme"):
@@ -113,21 +116,73 @@ def test_synthetic_answers_are_gradable():
             assert g.grade(t.answer, t.answer).correct, t
 
 
-def test_hf_datasets_path_with_a_stub(monkeypatch, tmp_path):
-    """Without a local copy, built-in names go to `datasets.load_dataset` (stubbed here: no network in tests)."""
-    import sys
-    import types
-
-    seen = {}
+def _stub_datasets(monkeypatch, rows_by_id: dict[str, list[dict]], seen: list) -> None:
+    """Put a stand-in `datasets` module in sys.modules whose load_dataset records its call and returns given rows."""
 
     def load_dataset(path, name=None, split=None):
-        seen.update(path=path, name=name, split=split)
-        return [{"question": "q1", "answer": "work\n#### 1,000"}]
+        seen.append((path, name, split))
+        if path not in rows_by_id:
+            raise ConnectionError(f"cannot reach the hub for {path}")
+        return rows_by_id[path]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+
+
+def test_hf_datasets_path_with_a_stub(monkeypatch, tmp_path):
+    """Without a local copy, built-in names go to `datasets.load_dataset` (stubbed here: no network in tests)."""
+    seen: list = []
+    _stub_datasets(monkeypatch, {"openai/gsm8k": [{"question": "q1", "answer": "work\n#### 1,000"}]}, seen)
     monkeypatch.delenv("ALP_DATA_DIR", raising=False)
     tasks = load_tasks(DatasetConfig(name="gsm8k", data_dir=str(tmp_path), split="train"))
-    assert seen == {"path": "openai/gsm8k", "name": "main", "split": "train"}
+    assert seen == [("openai/gsm8k", "main", "train")]
     assert [(t.prompt, t.answer) for t in tasks] == [("q1", "1000")]
+    _stub_datasets(monkeypatch, {"me/set": [{"question": "q1", "answer": "work\n#### 1,000"}]}, seen)
     tasks = load_tasks(DatasetConfig(name="hf", hf_path="me/set", question_field="question"))
-    assert seen["path"] == "me/set" and tasks[0].answer == "work\n#### 1,000"  # raw format unless told
+    assert seen[-1][0] == "me/set" and tasks[0].answer == "work\n#### 1,000"  # raw format unless told
+
+
+# One row shaped like each hub dataset's columns (names and value types as published), and the task it must give.
+HUB_ROWS = {
+    "math500": (
+        "HuggingFaceH4/MATH-500",
+        "test",
+        {
+            "problem": "P",
+            "solution": "long \\boxed{3}",
+            "answer": "3",
+            "subject": "Algebra",
+            "level": 2,
+            "unique_id": "test/a/1.json",
+        },
+    ),
+    "aime24": (
+        "HuggingFaceH4/aime_2024",
+        "train",
+        {"id": 60, "problem": "P", "solution": "S", "answer": "204", "url": "u", "year": "2024"},
+    ),
+    "aime25": ("math-ai/aime25", "test", {"problem": "P", "answer": "70", "id": "0"}),
+    "amc23": ("math-ai/amc23", "test", {"id": 0, "question": "P", "answer": 27.0, "url": "u"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_ROWS))
+def test_builtin_hub_ids_and_columns(name, monkeypatch):
+    """Each built-in asks the hub for its id and split, and its columns map to (question, reference answer)."""
+    hf_id, split, row = HUB_ROWS[name]
+    seen: list = []
+    _stub_datasets(monkeypatch, {hf_id: [row]}, seen)
+    monkeypatch.delenv("ALP_DATA_DIR", raising=False)
+    (task,) = load_tasks(DatasetConfig(name=name))
+    assert seen == [(hf_id, None, split)]
+    expected_answer = "27" if name == "amc23" else row["answer"]  # a whole float column value reads as an integer
+    assert (task.prompt, task.answer, task.source) == ("P", expected_answer, name)
+
+
+def test_local_copy_wins_over_the_hub_and_hub_failure_is_clear(monkeypatch, tmp_path):
+    seen: list = []
+    _stub_datasets(monkeypatch, {}, seen)  # every hub call fails like an offline machine
+    (tmp_path / "aime25.jsonl").write_text(json.dumps({"problem": "P", "answer": "70"}) + "\n")
+    monkeypatch.setenv("ALP_DATA_DIR", str(tmp_path))
+    assert [t.answer for t in load_tasks(DatasetConfig(name="aime25"))] == ["70"] and seen == []
+    with pytest.raises(RuntimeError, match="math-ai/amc23.*ALP_DATA_DIR or --data-dir"):
+        load_tasks(DatasetConfig(name="amc23"))  # no local amc23.jsonl: the hub is tried and fails
