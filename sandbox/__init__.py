@@ -13,8 +13,8 @@ Envs should not each build a Sandbox (each would start its own warm pool): `shar
 process-wide one for that config, closed at exit.
 """
 
-from sandbox.base import ExecResult, ExecStatus, Sandbox, Session, make_sandbox
+from sandbox.base import ExecResult, ExecStatus, Sandbox, Session
 from sandbox.config import SandboxConfig
-from sandbox.pool import shared_sandbox
+from sandbox.factory import make_sandbox, shared_sandbox
 
 __all__ = ["ExecResult", "ExecStatus", "Sandbox", "SandboxConfig", "Session", "make_sandbox", "shared_sandbox"]

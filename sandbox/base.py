@@ -1,6 +1,7 @@
 """The sandbox contract shared by every backend: a Sandbox hands out persistent Sessions that run code.
 
-Data flow: env --code--> Session.run --ExecResult--> env. Nothing here knows about models or tokens.
+Data flow: env --code--> Session.run --ExecResult--> env. Nothing here knows about models or tokens. The factory
+(`make_sandbox`, `shared_sandbox`) lives in sandbox.factory, above the backends, so no module here imports a backend.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Self
 
 from sandbox.config import SandboxConfig
+from sandbox.pool import asession, to_thread
 
 
 class ExecStatus(enum.StrEnum):
@@ -58,8 +60,6 @@ class Session(abc.ABC):
     async def arun(self, code: str, timeout: float | None = None) -> ExecResult:
         """Async variant: the blocking call runs on the sandbox's wide executor (a call mostly waits on a pipe),
         not asyncio's default one, which has only cores+4 threads and would let a few slow cells block the rest."""
-        from sandbox.pool import to_thread
-
         return await to_thread(self.run, code, timeout)
 
     @abc.abstractmethod
@@ -83,8 +83,6 @@ class Sandbox(abc.ABC):
 
     def asession(self):
         """`async with sandbox.asession() as s: await s.arun(code)`; waits for a free slot off the event loop."""
-        from sandbox.pool import asession
-
         return asession(self)
 
     @abc.abstractmethod
@@ -95,15 +93,3 @@ class Sandbox(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def make_sandbox(config: SandboxConfig | None = None) -> Sandbox:
-    """Build the backend named by config.backend."""
-    config = config or SandboxConfig()
-    if config.backend == "docker":
-        from sandbox.docker import DockerSandbox
-
-        return DockerSandbox(config)
-    from sandbox.local import LocalSandbox
-
-    return LocalSandbox(config)

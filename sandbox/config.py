@@ -35,5 +35,23 @@ class SandboxConfig(BaseModel):
     max_sessions: int = Field(256, gt=0, description="Upper bound on concurrently open sessions.")
     docker_image: str = Field("alp-agent-sandbox:latest", description="Image used by the docker backend.")
     python: str | None = Field(
-        None, description="Interpreter used inside the local sandbox; default: the host's sys.executable."
+        None,
+        description="Interpreter used inside the local sandbox; default: the host's sys.executable (its real binary "
+        "and standard library are bound into the jail, not the virtualenv).",
+    )
+    packages: list[str] = Field(
+        ["numpy", "sympy"],
+        description="Python distributions a session can import, with their dependencies (sympy brings mpmath). "
+        "local: each one's installed directories are bound read-only, one by one, at a neutral path on PYTHONPATH "
+        "(never the whole virtualenv); docker: baked into the image by sandbox/image/build_offline.sh.",
+    )
+    extra_ro_paths: list[str] = Field(
+        [],
+        description="Host paths a session may read, mounted read-only at the same path (both backends). Nothing "
+        "else of the host's files is visible: no checkout, virtualenv, data, /home, /srv or /root.",
+    )
+    allow_unisolated: bool = Field(
+        False,
+        description="local: when bubblewrap cannot run, run sessions as plain processes with rlimits only (NO "
+        "filesystem or network isolation) instead of refusing to start. Only for trusted code or debugging.",
     )

@@ -3,12 +3,13 @@
 Why this shape (measured on this machine, see spec/sandbox.md): `docker run` costs ~250 ms and `docker exec` ~65 ms
 per call, while a message over the container's attached stdin/stdout costs about a millisecond. So containers are
 started ahead of time (a warm pool), each runs the same `server.py` as the local backend (sent with `python3 -c`, so
-the image needs nothing but python3 and never goes stale), and one container serves one session for its whole life.
+the image holds no project code and never goes stale), and one container serves one session for its whole life.
 
 Limits come from the engine: `--network none`, memory (+swap) limit, pids limit, one CPU, read-only root with a
 size-limited tmpfs /tmp, uid 65534 with every capability dropped and no-new-privileges, `--init` so the server is
-not PID 1. The server adds the same rlimits as locally. A timeout or crash removes the container; the session's
-next call gets a fresh one. Every container carries the label `alp-agent-sandbox`; containers left by dead host
+not PID 1, and no host mount except `config.extra_ro_paths` (read-only). The image holds python3 and the tool
+packages (numpy, sympy: sandbox/image/build_offline.sh copies them in). The server adds the same rlimits as locally
+(sandbox.limits). A timeout or crash removes the container; the session's next call gets a fresh one. Every container carries the label `alp-agent-sandbox`; containers left by dead host
 processes are removed when a DockerSandbox starts.
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from sandbox.base import ExecStatus
 from sandbox.config import SandboxConfig
+from sandbox.limits import server_opts
 from sandbox.worker import PooledSandbox, Worker, WorkerDied, WorkerTimeout, died_from_returncode
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,11 @@ def docker_unavailable_reason(image: str = "alp-agent-sandbox:latest") -> str:
     return ""
 
 
+def extra_mounts(paths: list[str]) -> dict[str, dict[str, str]]:
+    """The only host paths a container sees: sandbox.extra_ro_paths, read-only at the same path."""
+    return {os.path.realpath(p): {"bind": os.path.abspath(p), "mode": "ro"} for p in paths}
+
+
 def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -66,18 +73,7 @@ class DockerWorker(Worker):
         super().__init__()
         self.client = client
         c = config
-        mib = 1024 * 1024
-        opts = {
-            "max_output_bytes": c.max_output_bytes,
-            "cwd": "/tmp",
-            "rlimits": {
-                "as": c.memory_mb * mib,
-                "cpu": [c.cpu_s, c.cpu_s + 1],
-                "fsize": c.tmp_size_mb * mib,
-                "nofile": c.max_open_files,
-                "core": 0,
-            },
-        }
+        opts = server_opts(c, cwd="/tmp", nproc=False)  # uid 65534 is shared: the pids limit counts
         self.container = client.containers.create(
             c.docker_image,
             command=["python3", "-s", "-B", "-c", SERVER_SOURCE, json.dumps(opts)],
@@ -98,6 +94,7 @@ class DockerWorker(Worker):
             environment=ENV,
             working_dir="/tmp",
             labels={LABEL: "1", OWNER_LABEL: _owner()},
+            volumes=extra_mounts(c.extra_ro_paths),
         )
         try:
             self._sock_io = client.api.attach_socket(

@@ -1,5 +1,7 @@
 """Concurrency for sandboxes: warm workers, a bound on open sessions, and a wide executor for asyncio.
 
+A leaf module (nothing from `sandbox` is imported here), so base classes, workers and the factory can all use it.
+
 Why: an episode should not wait for an interpreter (or container) to boot, hundreds of episodes must be able to
 wait on their tool calls at once, and asyncio's default executor (min(32, cores + 4) = 6 threads here) would let
 six slow cells block every other coroutine. Calls mostly wait on a pipe or socket, so threads are the cheap answer.
@@ -8,7 +10,6 @@ six slow cells block every other coroutine. Calls mostly wait on a pipe or socke
 from __future__ import annotations
 
 import asyncio
-import atexit
 import collections
 import concurrent.futures
 import contextlib
@@ -119,41 +120,3 @@ async def asession(sandbox) -> AsyncIterator:
         yield s
     finally:
         await to_thread(s.close)
-
-
-_SHARED: dict[str, object] = {}
-_SHARED_LOCK = threading.Lock()
-
-
-def shared_sandbox(config=None):
-    """The process-wide Sandbox for `config` (one per distinct config), created on first use, closed at exit.
-
-    Why: every env instance asking for its own Sandbox would start its own warm pool (pool_size jails or
-    containers each); envs should share one and open one session per episode:
-
-        s = shared_sandbox(cfg).session()   # in reset(); s.run(code) per tool call; s.close() at episode end
-    """
-    from sandbox.base import make_sandbox
-    from sandbox.config import SandboxConfig
-
-    config = config or SandboxConfig()
-    key = config.model_dump_json()
-    with _SHARED_LOCK:
-        sb = _SHARED.get(key)
-        if sb is None or getattr(sb, "_closed", False):
-            sb = make_sandbox(config)
-            _SHARED[key] = sb
-            if len(_SHARED) == 1:
-                atexit.register(_close_shared)
-        return sb
-
-
-def _close_shared() -> None:
-    with _SHARED_LOCK:
-        boxes = list(_SHARED.values())
-        _SHARED.clear()
-    for sb in boxes:
-        try:
-            sb.close()
-        except Exception:  # best effort at interpreter exit
-            log.debug("closing shared sandbox failed", exc_info=True)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from sandbox.base import ExecResult, ExecStatus, Sandbox, Session
 from sandbox.config import SandboxConfig
+from sandbox.pool import SessionLimiter, WarmPool
 from sandbox.server import HEADER, MAGIC, decode_response, encode_frame
 
 log = logging.getLogger(__name__)
@@ -215,8 +216,6 @@ class PooledSandbox(Sandbox):
 
     def __init__(self, config: SandboxConfig | None = None):
         super().__init__(config)
-        from sandbox.pool import SessionLimiter, WarmPool
-
         self._limiter = SessionLimiter(self.config.max_sessions)
         self._sessions: set[WorkerSession] = set()
         self._lock = threading.Lock()

@@ -25,17 +25,19 @@ TEST_CONFIG = {
 }
 
 
-def _make(backend: str):
+def make_backend(backend: str, **overrides):
+    """A sandbox of `backend` with the test limits (skips when Docker is unavailable)."""
+    config = SandboxConfig(backend=backend, **{**TEST_CONFIG, **overrides})
     if backend == "docker":
         reason = docker_unavailable_reason()
         if reason:
             pytest.skip(f"docker backend: {reason}")
         from sandbox.docker import DockerSandbox
 
-        return DockerSandbox(SandboxConfig(backend="docker", **TEST_CONFIG))
+        return DockerSandbox(config)
     from sandbox.local import LocalSandbox
 
-    return LocalSandbox(SandboxConfig(backend="local", **TEST_CONFIG))
+    return LocalSandbox(config)
 
 
 BACKENDS = [pytest.param("local"), pytest.param("docker", marks=pytest.mark.docker)]
@@ -49,7 +51,7 @@ def _server_procs() -> set[int]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"server.py" in cmd or b"bwrap" in cmd or b"sleep" in cmd:
+        if b"Server(opts).serve()" in cmd or b"bwrap" in cmd or b"sleep" in cmd:  # the server's source is argv
             out.add(pid)
     return out
 
@@ -72,7 +74,7 @@ def _our_containers() -> list:
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def sb(request):
-    box = _make(request.param)
+    box = make_backend(request.param)
     box.backend = request.param
     yield box
     box.close()

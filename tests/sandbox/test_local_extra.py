@@ -10,7 +10,8 @@ from sandbox.local import LocalSandbox
 
 def test_fallback_without_bwrap_still_limits(monkeypatch, caplog):
     monkeypatch.setattr(local, "bwrap_works", lambda path: "bwrap disabled for this test")
-    with LocalSandbox(SandboxConfig(pool_size=1, max_processes=16, memory_mb=256)) as sb:
+    cfg = SandboxConfig(pool_size=1, max_processes=16, memory_mb=256, allow_unisolated=True)
+    with LocalSandbox(cfg) as sb:
         assert sb.isolation == "rlimits" and "falling back" in caplog.text
         with sb.session() as s:
             assert s.run("a = 2\na * 21").stdout == "42\n"
@@ -71,8 +72,32 @@ def test_shared_sandbox_is_one_per_config():
     assert a is b and shared_sandbox(SandboxConfig(pool_size=1, timeout_s=8)) is not a
     with a.session() as s:
         assert s.run("6 * 7").stdout == "42\n"
-    from sandbox.pool import _close_shared
+    from sandbox.factory import _close_shared
 
     _close_shared()
     assert shared_sandbox(cfg) is not a
     _close_shared()
+
+
+def test_refuses_to_start_without_bwrap(monkeypatch):
+    monkeypatch.setattr(local, "bwrap_works", lambda path: "bwrap disabled for this test")
+    with pytest.raises(RuntimeError) as e:
+        LocalSandbox(SandboxConfig(pool_size=1))
+    msg = str(e.value)
+    assert "\n" not in msg and "bwrap disabled for this test" in msg and "allow_unisolated" in msg
+
+
+def test_missing_extra_ro_path_is_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match="extra_ro_paths do not exist"):
+        LocalSandbox(SandboxConfig(pool_size=1, extra_ro_paths=[str(tmp_path / "nope")]))
+
+
+def test_interpreter_runs_from_its_base_prefix_without_the_venv():
+    import sys
+
+    with LocalSandbox(SandboxConfig(pool_size=1)) as sb, sb.session() as s:
+        r = s.run(
+            "import sys, os\n(sys.prefix == sys.base_prefix, sys.prefix, os.path.exists(sys.prefix + '/pyvenv.cfg'))"
+        )
+        assert r.stdout == f"(True, {sys.base_prefix!r}, False)\n", r
+        assert s.run("import json, ssl, sqlite3, ctypes, decimal, zoneinfo\n'ok'").stdout == "'ok'\n"
