@@ -4,7 +4,8 @@ Runs as a standalone script (``python _grade_worker.py``) so it needs nothing fr
 ``math_verify``. It lives in its own process because sympy can hang in C code (a huge integer power, a pathological
 simplification) where no signal or thread can interrupt it: the parent kills this process when a grade overruns its
 deadline and starts a fresh one. Request: ``{"pred": str, "ref": str, "timeout": float, "float_rounding": int}``.
-Reply: ``{"correct": bool, "reason": str}``.
+Reply: ``{"correct": bool, "reason": str}``; reason ``closed_form`` when only the numeric check of two constants
+(with ``i`` as the imaginary unit) found them equal.
 """
 
 from __future__ import annotations
@@ -59,7 +60,39 @@ def _grade(req: dict) -> dict:
     if not pred:
         return {"correct": False, "reason": "unparsable_answer"}
     ok = verify(gold, pred, float_rounding=int(req.get("float_rounding", 6)), timeout_seconds=seconds)
-    return {"correct": bool(ok), "reason": "math_verify" if ok else "mismatch"}
+    if ok:
+        return {"correct": True, "reason": "math_verify"}
+    if _closed_forms_equal(gold, pred):
+        return {"correct": True, "reason": "closed_form"}
+    return {"correct": False, "reason": "mismatch"}
+
+
+def _constant(parsed: list):
+    """The parsed answer as a constant sympy expression, with the symbol `i` read as the imaginary unit; None for
+    anything else (sets, intervals, tuples, equations, expressions with variables)."""
+    import sympy
+
+    expr = next((x for x in parsed if isinstance(x, sympy.Expr)), None)
+    if expr is None:
+        return None
+    expr = expr.subs({s: sympy.I for s in expr.free_symbols if getattr(s, "name", "") == "i"})
+    return None if expr.free_symbols else expr
+
+
+def _closed_forms_equal(gold: list, pred: list, rel_tol: float = 1e-10) -> bool:
+    r"""Numeric equality of two constants math-verify left unequal: its parser reads ``i`` as a plain symbol, so
+    ``e^{i\pi}`` vs ``-1`` or ``(1+i)^2`` vs ``2i`` fail there. Evaluated to 30 digits; the parent's hard
+    timeout still bounds a pathological expression."""
+    import sympy
+
+    a, b = _constant(gold), _constant(pred)
+    if a is None or b is None:
+        return False
+    try:
+        va, vb = complex(sympy.N(a, 30)), complex(sympy.N(b, 30))
+    except (TypeError, ValueError, ArithmeticError):
+        return False
+    return abs(va - vb) <= rel_tol * max(1.0, abs(va))
 
 
 def main() -> None:

@@ -96,6 +96,10 @@ _UNIT_WORDS = re.compile(  # only a tail after a number: "12 cm", "5 \\text{ dol
 _INT_RE = re.compile(r"[+-]?(\d{1,3}(,\d{3})+|\d+)")
 _NUM_RE = re.compile(r"[+-]?(\d{1,3}(,\d{3})+|\d+)?(\.\d+)?")
 _FRAC_RE = re.compile(r"([+-]?)\\frac\{([^{}]+)\}\{([^{}]+)\}|([+-]?[\d.]+)/([\d.]+)")
+_SCI_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE]([+-]?\d+)")  # 1e3, 2.5e-3, -.5E+2
+# The same literal inside a larger answer; not part of a word, a decimal or a LaTeX command (\sec, 2e, x1e3).
+_SCI_TOKEN = re.compile(r"(?<![\w.\\])(\d+\.?\d*|\.\d+)[eE]([+-]?\d+)(?![\w.])")
+MAX_SCI_EXPONENT = 400  # 1e999999999 is not expanded in-process; math-verify (killable) gets it as 10^{...}
 
 
 def normalize(answer: str) -> str:
@@ -114,6 +118,9 @@ def _number(s: str) -> Fraction | None:
         return None
     if _NUM_RE.fullmatch(s) and any(ch.isdigit() for ch in s):
         return Fraction(s.replace(",", ""))
+    m = _SCI_RE.fullmatch(s)
+    if m:
+        return Fraction(s) if abs(int(m.group(2))) <= MAX_SCI_EXPONENT else None
     m = _FRAC_RE.fullmatch(s)
     if m:
         sign, num, den = (m.group(1), m.group(2), m.group(3)) if m.group(2) else ("", m.group(4), m.group(5))
@@ -137,9 +144,20 @@ def _fast(pred: str, ref: str) -> bool | None:
         return None
     if a == b:
         return True
-    if _INT_RE.fullmatch(p) and _INT_RE.fullmatch(r):
+    if _integer_literal(p, a) and _integer_literal(r, b):
         return False
     return None
+
+
+def _integer_literal(s: str, value: Fraction) -> bool:
+    """An exact integer as written: `1234`, `1,234`, or scientific notation with an integer value (`1e3`)."""
+    return bool(_INT_RE.fullmatch(s)) or (bool(_SCI_RE.fullmatch(s)) and value.denominator == 1)
+
+
+def expand_scientific(answer: str) -> str:
+    r"""Rewrite ``1e3`` / ``2.5e-3`` as ``(1\times10^{3})`` / ``(2.5\times10^{-3})`` for math-verify, whose LaTeX
+    parser reads ``1e3`` as the product 1·e·3 (Euler's number)."""
+    return _SCI_TOKEN.sub(lambda m: f"({m.group(1)}\\times10^{{{int(m.group(2))}}})", answer)
 
 
 # --------------------------------------------------------------------------------------------------- subprocess pool
@@ -220,7 +238,7 @@ class Grader:
         fast = _fast(pred, ref)
         if fast is not None:
             return GradeResult(fast, "exact" if fast else "mismatch")
-        return self._subprocess_grade(pred, ref)
+        return self._subprocess_grade(expand_scientific(pred), expand_scientific(ref))
 
     def _subprocess_grade(self, pred: str, ref: str) -> GradeResult:
         try:

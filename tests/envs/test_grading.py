@@ -56,6 +56,27 @@ EQUIVALENT = [
     ("\\frac{14}{3}", "4\\frac{2}{3}"),
     ("10^{3}", "1000"),
     ("3\\times 10^2", "300"),
+    # scientific notation (math-verify alone reads 1e3 as 1*e*3)
+    ("1e3", "1000"),
+    ("2.5e-3", "0.0025"),
+    ("1000", "1e3"),
+    ("-1.5E+2", "-150"),
+    ("1e-3", "\\frac{1}{1000}"),
+    ("(1e3, 2)", "(1000, 2)"),
+    ("x = 6.02e2", "602"),
+    # simple closed forms
+    ("e^{i\\pi}", "-1"),
+    ("e^{i\\pi}+1", "0"),
+    ("e^{2\\pi i}", "1"),
+    ("(1+i)^2", "2i"),
+    ("\\sqrt{-1}", "i"),
+    ("\\sqrt{4}", "2"),
+    ("\\cos(0)", "1"),
+    ("\\sin(\\pi/6)", "\\frac{1}{2}"),
+    ("\\ln(e^2)", "2"),
+    ("\\log_{10} 1000", "3"),
+    ("5!", "120"),
+    ("\\binom{5}{2}", "10"),
 ]
 
 NOT_EQUIVALENT = [
@@ -71,6 +92,16 @@ NOT_EQUIVALENT = [
     ("-5", "5"),
     ("5", "(5, 5)"),
     ("hello", "5"),
+    ("1e3", "1003"),
+    ("1e3", "100"),
+    ("2.5e-3", "0.025"),
+    ("1e3", "3e"),
+    ("e^{i\\pi}", "1"),
+    ("e^{i\\pi/2}", "1"),
+    ("i", "-1"),
+    ("\\sqrt{4}", "-2"),
+    ("\\cos(0)", "0"),
+    ("x + 1", "x + 2"),
     ("", "5"),
     (None, "5"),
 ]
@@ -109,6 +140,9 @@ def test_extract_boxed(text, boxed):
 def test_plain_numbers_skip_the_subprocess(grader):
     assert grader.grade("1,234", "1234").reason == "exact"
     assert grader.grade("3", "4").reason == "mismatch"
+    assert grader.grade("1e3", "1000").reason == "exact"
+    assert grader.grade("1e3", "1003").reason == "mismatch"
+    assert grader.grade("2.5e-3", "0.0025").reason == "exact"
 
 
 def test_hung_grade_is_zero_with_reason_within_the_limit():
