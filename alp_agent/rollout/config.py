@@ -17,8 +17,10 @@ class RolloutConfig(BaseModel):
     - "context_limit": the next turn would have no room in `max_context_tokens`, a turn was cut by it, or an
       observation would overflow it (that observation is dropped: the trajectory ends after the last model turn).
     - "max_turns": the env truncated the episode (its own turn limit) or `max_turns` model turns were used.
-    - "answer": the env terminated the episode normally. "template_drift": see chat.py. "nonfinite_logprobs": the
-      engine flagged NaN/inf logprobs (EngineConfig.nonfinite_logprobs="flag").
+    - "answer": the env terminated the episode normally (or the env's own `end_reason`, e.g. "void").
+      "nonfinite_logprobs": the engine flagged NaN/inf logprobs (EngineConfig.nonfinite_logprobs="flag").
+      "template_error": the chat template raised while rendering an observation (its message is in info).
+      A template that rewrites history never ends an episode (chat.py: deltas come from a stub conversation).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -40,9 +42,14 @@ class RolloutConfig(BaseModel):
     seed: int | None = Field(None, description="Base seed for per-episode, per-turn sampling seeds; None = random.")
     max_concurrent_episodes: int = Field(64, ge=1, description="Episodes in flight (one env instance each).")
     stop_strings: list[str] | None = Field(None, description="Override the env's stop strings (None = the env's).")
-    pass_tool_schemas: bool = Field(
-        False,
-        description="Also render env.tool_schemas() through the template's `tools=` (if the env's prompt "
-        "does not already describe its tools).",
+    show_tools: Literal["auto", "template", "system_prompt", "off"] = Field(
+        "auto",
+        description="How the env's tool schemas reach the model. 'auto': for a json-format env whose prompt does "
+        "not describe its tools, through the template's `tools=` when the template renders them, else as a "
+        "generated tool section (names, schemas, the <tool_call> format) appended to the system prompt; "
+        "'template' / 'system_prompt': always that way; 'off': never.",
+    )
+    check_template_drift: bool = Field(
+        True, description="Count token_drift each turn (one full render of the conversation; diagnostic only)."
     )
     check_retokenize: bool = Field(True, description="Count retokenize_mismatch each turn (costs one encode).")

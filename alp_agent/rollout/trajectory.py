@@ -3,12 +3,27 @@
 Token ids are the source of truth: `ids = prompt_ids + completion_ids`; `loss_mask[i] == 1` exactly on tokens the
 engine sampled (model turns, including the stop string that ended a tool call), 0 on tool-output and template tokens.
 `infer_logprobs[i]` is the engine's logprob of completion token i (0.0 where loss_mask is 0).
+
+`token_roles` says where each completion token came from, one character per token (a str, compact in JSON):
+
+    "m"  model: sampled by the engine (exactly where loss_mask == 1)
+    "o"  observation: the content of an env message (tool output, an error message, a hint)
+    "t"  template: text the chat template adds (the closing text of an assistant turn, role headers, the
+         generation prompt)
+
+so `len(token_roles) == len(completion_ids)`; "" on trajectories written before the field existed (unknown).
+`num_void_turns` counts model turns with neither a tool call nor a final answer, a turn cut at
+`max_tokens_per_turn` included (SimpleTIR's void turns).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+
+ROLE_MODEL = "m"  # token_roles: sampled by the model
+ROLE_OBSERVATION = "o"  # token_roles: content of an env message (tool output, error, hint)
+ROLE_TEMPLATE = "t"  # token_roles: chat-template text (closing text, role headers, generation prompt)
 
 
 @dataclass
@@ -29,8 +44,10 @@ class Trajectory:
     temperature: float = 1.0  # sampling knobs: the trainer divides logits by this temperature
     top_p: float = 1.0
     top_k: int = 0
-    token_drift: int = 0  # turns where the incremental ids differed from a full re-render of the conversation
+    token_drift: int = 0  # turns where a full re-render of the conversation differs from our ids (diagnostic only)
     info: dict = field(default_factory=dict)
+    num_void_turns: int = 0  # model turns with neither a tool call nor a final answer (cut turns included)
+    token_roles: str = ""  # one of ROLE_* per completion token ("" = not recorded); see the module docstring
 
     def __post_init__(self) -> None:
         n = len(self.completion_ids)
@@ -39,6 +56,8 @@ class Trajectory:
                 f"trajectory lengths disagree: completion {n}, loss_mask {len(self.loss_mask)}, "
                 f"infer_logprobs {len(self.infer_logprobs)}"
             )
+        if self.token_roles and len(self.token_roles) != n:
+            raise ValueError(f"trajectory lengths disagree: completion {n}, token_roles {len(self.token_roles)}")
 
     @property
     def ids(self) -> list[int]:
