@@ -6,8 +6,6 @@ import asyncio
 import time
 from typing import ClassVar
 
-import pytest
-
 from alp_agent.engine.base import Engine, Generation, SamplingConfig
 from alp_agent.rollout.chat import ChatTemplate
 from alp_agent.rollout.config import RolloutConfig
