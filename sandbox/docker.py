@@ -1,6 +1,6 @@
 """DockerSandbox: each session is one warm container running the session server, reached over an attached stream.
 
-Why this shape (measured on this machine, see spec/sandbox.md): `docker run` costs ~250 ms and `docker exec` ~65 ms
+Why this shape (measured on the development machine): `docker run` costs ~250 ms and `docker exec` ~65 ms
 per call, while a message over the container's attached stdin/stdout costs about a millisecond. So containers are
 started ahead of time (a warm pool), each runs the same `server.py` as the local backend (sent with `python3 -c`, so
 the image holds no project code and never goes stale), and one container serves one session for its whole life.

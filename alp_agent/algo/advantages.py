@@ -1,4 +1,4 @@
-"""Group-relative advantages (alp.md "Loss"): A_i = (R_i - mean(R_group)) / (std(R_group) + 1e-6).
+"""Group-relative advantages (docs/method.md "The loss"): A_i = (R_i - mean(R_group)) / (std(R_group) + 1e-6).
 
 A group is the set of responses sampled from one prompt (Trajectory.group_id). Groups whose rewards are all equal
 carry no learning signal: their advantage is exactly 0 and they are counted (`zero_adv_groups`) because a batch made

@@ -1,9 +1,9 @@
 """Typed configuration of the ALP trainer: the algorithm (ALP or a baseline), the perturbation, the optimizer and the
 update schedule. Every field has a default and a description, so `AlgoConfig()` is a runnable configuration.
 
-The spec (`shared/spec/alp.md`) has two reference settings; where they differ the comment on the field gives both:
+The method (docs/method.md) has two reference settings; where they differ the comment on the field gives both:
     [math]  single-turn math        [tool]  multi-turn tool use
-Our defaults follow the tool-use setting except where the small-scale measurements in the spec say otherwise
+Our defaults follow the tool-use setting except where the small-scale measurements in docs/method.md say otherwise
 (sigma0: 1e-6 is a no-op in float32 at our scale, so the default is 1e-3; see the field).
 """
 
@@ -22,7 +22,7 @@ class _Strict(BaseModel):
 
 
 class PerturbConfig(_Strict):
-    """Layerwise Gaussian perturbation of the training forward (alp.md "Exact definition")."""
+    """Layerwise Gaussian perturbation of the training forward (docs/method.md "The perturbation")."""
 
     enabled: bool | None = Field(
         None,
@@ -136,7 +136,7 @@ class AlgoConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    """AdamW on float32 master weights (alp.md: same in both reference settings)."""
+    """AdamW on float32 master weights (docs/method.md: same in both reference settings)."""
 
     lr: float = Field(1e-6, gt=0, description="Policy learning rate ([math] and [tool]: 1e-6).")
     betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas (reference: 0.9, 0.99).")
