@@ -172,10 +172,8 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
     from alp_agent.app.progress import Progress
     from alp_agent.models import load_model
     from alp_agent.train import distributed as D
-    from alp_agent.train import ranks
     from alp_agent.train.checkpoint import latest_checkpoint, load_checkpoint
     from alp_agent.train.logging import MetricsWriter
-    from alp_agent.train.ranks import Command
     from alp_agent.train.trainer import Trainer
 
     if cfg.rollout.temperature <= 0:
@@ -216,7 +214,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
         try:
             ckpt = latest_checkpoint(ckpt_dir) if resume else None
             if dist_on:  # the other ranks build their trainer (and load the checkpoint) with ours
-                ranks.announce(Command.START, (comps.model_dir, str(ckpt) if ckpt is not None else None))
+                D.broadcast_object(("start", (comps.model_dir, str(ckpt) if ckpt is not None else None)), command=True)
             # the trainer's device: cuda:LOCAL_RANK on a GPU machine (one process: cuda:0), else the CPU
             model = load_model(comps.model_dir, dtype=torch.float32, device=D.local_device())
             trainer = Trainer(model, cfg.trainer, writer=writer)
@@ -261,9 +259,7 @@ def _follow(cfg: RunConfig) -> dict[str, Any]:
 
     from alp_agent.models import load_model
     from alp_agent.train import distributed as D
-    from alp_agent.train import ranks
     from alp_agent.train.checkpoint import load_checkpoint
-    from alp_agent.train.ranks import Command
     from alp_agent.train.trainer import Trainer
 
     with contextlib.suppress(ValueError):  # not the main thread (tests): keep the default handler
@@ -272,8 +268,8 @@ def _follow(cfg: RunConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
     summary = {"run_dir": str(run_dir_of(cfg)), "rank": D.rank()}
-    command, payload = ranks.receive()
-    if command is not Command.START:  # rank 0 finished before training started
+    command, payload = D.broadcast_object(None, command=True)
+    if command != "start":  # rank 0 finished before training started
         return summary
     model_dir, ckpt = payload  # rank 0 resolved (and downloaded) the model already
     trainer = Trainer(load_model(model_dir, dtype=torch.float32, device=D.local_device()), cfg.trainer)
