@@ -76,9 +76,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from alp_agent.app.plots import write_report
+    from alp_agent.app.viewer import write_viewer
 
     out = write_report(Path(args.run_dir))
     print(f"report: {out}")
+    print(f"episode viewer: {write_viewer(Path(args.run_dir))}")
     return 0
 
 
@@ -185,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every run.")
     rr.set_defaults(fn=cmd_repro)
 
-    rp = sub.add_parser("report", help="Plots (PNG) and a markdown summary of a finished or running run.")
+    rp = sub.add_parser("report", help="Plots (PNG), a markdown summary and the episode viewer (report.html) of a run.")
     rp.add_argument("run_dir", help="Run directory.")
     rp.set_defaults(fn=cmd_report)
     return p

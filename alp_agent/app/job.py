@@ -283,6 +283,7 @@ def _loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir) -> dict[str, Any]:
     """The CLI's job around `run_training` (the one outer loop): held-out eval before/after, sample episodes, the
     progress display, and a whole-batch checkpoint on Ctrl-C."""
     from alp_agent.train.checkpoint import save_checkpoint
+    from alp_agent.train.episode_log import log_sampled_episodes
     from alp_agent.train.loop import LoopHooks, run_training
 
     summary: dict[str, Any] = {}
@@ -319,8 +320,9 @@ def _loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir) -> dict[str, Any]:
 
     hooks = LoopHooks(
         phase=ui.phase,
-        after_rollout=lambda batch, trajs: write_samples(
-            run_dir, batch, trajs, comps.tokenizer, cfg.run.sample_episodes
+        after_rollout=lambda batch, trajs: (
+            write_samples(run_dir, batch, trajs, comps.tokenizer, cfg.run.sample_episodes),
+            log_sampled_episodes(run_dir, batch, trajs, comps.tokenizer, trainer, cfg.run.sample_episodes),
         ),
         after_batch=after_batch,
     )
