@@ -275,3 +275,9 @@ def mounts(interp: Interpreter, etc_dir: str, tmp_size: int, extra_ro: list[str]
         j.ro_bind(os.path.realpath(p), os.path.abspath(p))
     j.args += ["--remount-ro", "/"]
     return j.args
+
+
+if __name__ == "__main__":  # `python sandbox/jail.py numpy sympy`: the host paths of the packages, one a line
+    import sys
+
+    print("\n".join(probe(sys.executable, tuple(sys.argv[1:])).packages))

@@ -47,4 +47,14 @@ def test_container_is_locked_down(client):
             hc = client.api.inspect_container(cid)["HostConfig"]
             assert hc["NetworkMode"] == "none" and hc["ReadonlyRootfs"] and hc["Init"]
             assert hc["PidsLimit"] == 22 and hc["CapDrop"] == ["ALL"]
+            assert not hc.get("Binds") and not hc.get("Mounts")  # no host path at all unless extra_ro_paths names it
         assert not client.containers.list(all=True, filters={"id": cid})
+
+
+def test_only_extra_ro_paths_are_mounted(client, tmp_path):
+    from sandbox.docker import DockerSandbox
+
+    config = SandboxConfig(backend="docker", pool_size=1, extra_ro_paths=[str(tmp_path)])
+    with DockerSandbox(config) as sb, sb.session() as s:
+        hc = client.api.inspect_container(s.worker.container.id)["HostConfig"]
+        assert hc["Binds"] == [f"{tmp_path}:{tmp_path}:ro"]
