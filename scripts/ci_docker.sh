@@ -15,6 +15,9 @@ if ! docker version >/dev/null 2>&1; then
 fi
 if ! docker version >/dev/null 2>&1; then echo "docker: engine did not start (see /tmp/alp-dockerd.log)"; exit 0; fi
 if [ -f sandbox/image/build_offline.sh ]; then
+  # numpy/sympy are copied into the image from the project's venv (same Python minor version as Debian's python3)
+  venv_python="${ALP_VENV:-.venv}/bin/python"
+  [ -x "$venv_python" ] && export PYTHON=${PYTHON:-$venv_python}
   bash sandbox/image/build_offline.sh || echo "docker: offline image build failed"
 fi
 echo "docker: engine up"
