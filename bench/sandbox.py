@@ -1,7 +1,12 @@
 """Sandbox latency benchmark: per-call p50/p99 and calls/s, 1 and 8 concurrent sessions, local and Docker,
-against the naive `subprocess.run([python, "-c", code])` baseline measured in the same run.
+against the naive `subprocess.run([python, "-c", code])` baseline measured in the same run, and the local backend
+against an earlier revision of `sandbox/` (default: the bind-the-whole-host jail before the allowlist), in the same run.
 
-    python bench/sandbox.py [--calls 300] [--backends local,docker] [--out bench/results/sandbox.json]
+    python bench/sandbox.py [--calls 300] [--backends local,docker] [--compare-rev REV|none] [--rounds 2]
+                            [--out bench/results/sandbox.json]
+
+Each local measurement runs in a fresh child process (`--child`), alternating current and REV for `--rounds`
+rounds; a row reports the median over rounds. REV's `sandbox/` comes from `git archive` into a temporary folder.
 
 Why these numbers: a tool-using episode makes many small calls, so per-call overhead (not start-up) decides how
 much of the machine the sandbox eats; 8 concurrent sessions show whether calls from many episodes queue.
@@ -10,18 +15,24 @@ much of the machine the sandbox eats; 8 concurrent sessions show whether calls f
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # before bench/ (this file is also called sandbox)
+if "--sandbox-root" in sys.argv:  # a child measuring another revision's sandbox/ package
+    sys.path.insert(0, sys.argv[sys.argv.index("--sandbox-root") + 1])
 
-from sandbox import SandboxConfig
+from sandbox import SandboxConfig  # noqa: E402
 
 CODE = "x = globals().get('x', 0) + 1\nx * 2"  # a typical tiny tool call with a trailing expression
 
@@ -73,7 +84,10 @@ def bench_sandbox(backend: str, n: int, calls: int) -> dict:
     from sandbox import make_sandbox
 
     cfg = SandboxConfig(backend=backend, pool_size=max(2, n), max_sessions=64)
-    with make_sandbox(cfg) as sb:
+    t = time.perf_counter()
+    sb = make_sandbox(cfg)
+    init_ms = 1000 * (time.perf_counter() - t)  # incl. the local jail's one-off interpreter/package probe
+    with sb:
         time.sleep(1.0 if backend == "local" else 3.0)  # let the warm pool fill
         t = time.perf_counter()
         sessions = [sb.session() for _ in range(n)]
@@ -84,22 +98,100 @@ def bench_sandbox(backend: str, n: int, calls: int) -> dict:
         for s in sessions:
             s.close()
         cold = []
-        for _ in range(3):  # what a session start costs when the warm pool is empty
+        for _ in range(5):  # what a session start costs when the warm pool is empty
             t = time.perf_counter()
             w = sb._start_worker()
             cold.append(time.perf_counter() - t)
             w.kill()
+    res["init_ms"] = init_ms
     res["session_start_ms"] = start_ms
     res["cold_start_ms"] = 1000 * statistics.median(cold)
     return res
+
+
+def _old_sandbox(rev: str) -> str:
+    """`sandbox/` of git revision `rev` in a temporary folder (for a same-run comparison)."""
+    if rev == "auto":  # the parent of the commit that introduced the allowlisted jail
+        added = subprocess.run(
+            ["git", "-C", str(REPO), "log", "--diff-filter=A", "--format=%H", "--", "sandbox/jail.py"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        rev = f"{added[-1]}~1"
+    root = tempfile.mkdtemp(prefix="alp-bench-sandbox-")
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "sandbox"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", root], input=archive.stdout, check=True)
+    return root
+
+
+def _child(backend: str, n: int, calls: int, sandbox_root: str | None) -> dict:
+    """One measurement in a fresh process (so both revisions start equally cold)."""
+    cmd = [sys.executable, __file__, "--child", backend, str(n), "--calls", str(calls)]
+    if sandbox_root:
+        cmd += ["--sandbox-root", sandbox_root]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _median_rows(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]} | {"rounds": len(runs)}
+
+
+def bench_local_vs_rev(n: int, calls: int, rev: str, rounds: int) -> list[dict]:
+    """Current and `rev`'s local backend, alternating in fresh processes; medians over the rounds."""
+    if rev == "none":
+        return [{"backend": "local", "sessions": n, **_median_rows([_child("local", n, calls, None)])}]
+    old_root = _old_sandbox(rev)
+    cur, old = [], []
+    for r in range(rounds):
+        first, second = ((None, cur), (old_root, old)) if r % 2 == 0 else ((old_root, old), (None, cur))
+        for root, runs in (first, second):
+            runs.append(_child("local", n, calls, root))
+    cur_row = {"backend": "local", "sessions": n, **_median_rows(cur)}
+    old_row = {"backend": f"local@{rev}", "sessions": n, **_median_rows(old)}
+    cur_row["p50_vs_rev"] = cur_row["p50_ms"] / old_row["p50_ms"]
+    return [cur_row, old_row]
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    return format(row[key], fmt) if key in row else "-"
+
+
+def _print_table(rows: list[dict]) -> None:
+    hdr = (
+        f"{'backend':<24}{'sessions':>9}{'calls':>7}{'p50 ms':>9}{'p99 ms':>9}{'calls/s':>10}{'x base':>8}"
+        f"{'vs rev':>8}{'warm start ms':>15}{'cold start ms':>15}{'init ms':>9}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        opt = functools.partial(_cell, r)
+        print(
+            f"{r['backend']:<24}{r['sessions']:>9}{r['calls']:>7.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+            f"{r['calls_per_s']:>10.0f}{r['speedup_p50_vs_baseline']:>8.1f}{opt('p50_vs_rev', '.2f'):>8}"
+            f"{opt('session_start_ms', '.1f'):>15}{opt('cold_start_ms', '.0f'):>15}{opt('init_ms', '.0f'):>9}"
+        )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--calls", type=int, default=300, help="calls per session (baseline: a tenth of it)")
     ap.add_argument("--backends", default="local,docker")
+    ap.add_argument(
+        "--compare-rev",
+        default="auto",
+        help="git revision of sandbox/ to compare local against; "
+        "'auto': the one before the allowlisted jail; 'none': no comparison",
+    )
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of current vs --compare-rev")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sandbox.json"))
+    ap.add_argument("--child", nargs=2, metavar=("BACKEND", "SESSIONS"), help=argparse.SUPPRESS)
+    ap.add_argument("--sandbox-root", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        print(json.dumps(bench_sandbox(args.child[0], int(args.child[1]), args.calls)))
+        return
 
     rows = []
     for n in (1, 8):
@@ -116,33 +208,25 @@ def main() -> None:
                 print(f"skipping docker: {reason}")
                 continue
         for n in (1, 8):
-            rows.append({"backend": backend, "sessions": n, **bench_sandbox(backend, n, args.calls)})
+            if backend == "local":
+                rows += bench_local_vs_rev(n, args.calls, args.compare_rev, args.rounds)
+            else:
+                rows.append({"backend": backend, "sessions": n, **bench_sandbox(backend, n, args.calls)})
     base = {r["sessions"]: r["p50_ms"] for r in rows if r["backend"].startswith("baseline")}
     for r in rows:
         r["speedup_p50_vs_baseline"] = base[r["sessions"]] / r["p50_ms"]
-
-    hdr = (
-        f"{'backend':<20}{'sessions':>9}{'calls':>7}{'p50 ms':>9}{'p99 ms':>9}{'calls/s':>10}{'x base':>8}"
-        f"{'warm start ms':>15}{'cold start ms':>15}"
-    )
-    print(hdr)
-    print("-" * len(hdr))
-    for r in rows:
-        warm = f"{r['session_start_ms']:.1f}" if "session_start_ms" in r else "-"
-        cold = f"{r['cold_start_ms']:.0f}" if "cold_start_ms" in r else "-"
-        print(
-            f"{r['backend']:<20}{r['sessions']:>9}{r['calls']:>7}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-            f"{r['calls_per_s']:>10.0f}{r['speedup_p50_vs_baseline']:>8.1f}{warm:>15}{cold:>15}"
-        )
+    _print_table(rows)
     machine = {
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpus": __import__("os").cpu_count(),
+        "cpus": os.cpu_count(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "code": CODE, "rows": rows}, indent=2) + "\n")
+    result = {"machine": machine, "code": CODE, "compare_rev": args.compare_rev, "rows": rows}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
     print(f"wrote {out}")
 
 
