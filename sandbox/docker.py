@@ -32,6 +32,7 @@ from sandbox.worker import PooledSandbox, Worker, WorkerDied, WorkerTimeout, die
 log = logging.getLogger(__name__)
 LABEL = "alp-agent-sandbox"
 OWNER_LABEL = "alp-agent-sandbox.owner"
+PACKAGES_LABEL = "alp-agent-sandbox.packages"  # set by sandbox/image/build_offline.sh and the Dockerfile
 SERVER_SOURCE = Path(__file__).with_name("server.py").read_text()
 ENV = {"HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
 _MUX = struct.Struct(">BxxxI")  # docker's stdout/stderr multiplexing header (non-tty attach)
@@ -171,8 +172,22 @@ class DockerSandbox(PooledSandbox):
         if reason:
             raise RuntimeError(f"DockerSandbox: {reason}")
         self.client = docker.from_env(timeout=60, max_pool_size=max(10, config.max_sessions))
+        self._check_packages(config)
         self.remove_stale()
         super().__init__(config)
+
+    def _check_packages(self, config: SandboxConfig) -> None:
+        """Warn when the image was built without some of config.packages (its label lists what it holds)."""
+        labels = self.client.images.get(config.docker_image).labels or {}
+        have = labels.get(PACKAGES_LABEL)
+        missing = [p for p in config.packages if have is not None and p not in have.split()]
+        if missing:
+            log.warning(
+                "DockerSandbox: image %s lacks %s; rebuild it: PACKAGES=%r FORCE=1 sandbox/image/build_offline.sh",
+                config.docker_image,
+                missing,
+                " ".join(config.packages),
+            )
 
     def remove_stale(self) -> int:
         """Remove labelled containers whose owning process (on this host) is gone."""
