@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from alp_agent.algo.config import AlgoConfig
+
 
 # ---------------------------------------------------------------- ratios
 def log_ratio(
@@ -142,38 +144,36 @@ def kl_penalty(logp: torch.Tensor, ref: torch.Tensor, kind: str = "k3") -> torch
 
 
 # ---------------------------------------------------------------- one entry point for every algorithm
-def policy_loss(
-    name: str,
-    logp: torch.Tensor,
-    infer: torch.Tensor,
-    mask: torch.Tensor,
-    adv: torch.Tensor,
-    *,
-    level: str,
-    eps_low: float,
-    eps_high: float,
-    dual_clip: float | None,
-    old: torch.Tensor | None = None,
-    log_ratio_clamp: float = 20.0,
-    is_level: str = "token",
-    is_threshold: float = 2.0,
-) -> tuple[PGTerms, torch.Tensor]:
-    """Per-token PG terms for `name` and the (possibly reduced, MIS) loss mask. adv is (B, T) or (B, 1).
+@dataclass
+class LossBatch:
+    """What the loss of one micro-batch sees: right-padded (B, T) tensors (adv may be (B, 1))."""
+
+    logp: torch.Tensor  # l_t: training logprobs (perturbed for ALP), with grad
+    infer: torch.Tensor  # l^inf_t: the engine's logprobs (mu), recorded at sampling time
+    mask: torch.Tensor  # m_t: 1 on model-generated tokens
+    adv: torch.Tensor  # A per sequence (B, 1) or per token (B, T)
+    old: torch.Tensor | None = None  # pi_{theta_old} logprobs recomputed by the trainer (GRPO family)
+
+
+def policy_loss(cfg: AlgoConfig, batch: LossBatch) -> tuple[PGTerms, torch.Tensor]:
+    """Per-token PG terms of `cfg.name` and the (possibly reduced, MIS) loss mask.
 
     alp / bypass: rho vs infer (alp's logp comes from the perturbed forward; that is the only difference).
     grpo / gspo:  rho vs old (gspo: level geo_sequence and the tiny clip range, set by the config).
     tis:          rho vs old, loss x min(pi_old/mu, C).
     mis:          rho vs old, tokens/sequences with pi_old/mu outside [1/C, C] dropped from the mask.
     """
-    adv = adv.expand_as(logp) if adv.shape != logp.shape else adv
+    name, b = cfg.name, batch
+    adv = b.adv.expand_as(b.logp) if b.adv.shape != b.logp.shape else b.adv
+    mask, old = b.mask, b.old
     if name in ("alp", "bypass"):
-        base = infer
+        base = b.infer
     else:
         if old is None:
             raise ValueError(f"algorithm {name!r} needs old logprobs recomputed by the trainer")
         base = old
     if name == "mis":
-        mask = mis_mask(old, infer, mask, is_level, is_threshold)
-    w = tis_weight(old, infer, mask, is_level, is_threshold) if name == "tis" else None
-    lr = log_ratio(logp, base, mask, level, log_ratio_clamp)
-    return ppo_clip(lr, adv, eps_low, eps_high, dual_clip, w), mask
+        mask = mis_mask(old, b.infer, mask, cfg.is_level, cfg.is_threshold)
+    w = tis_weight(old, b.infer, mask, cfg.is_level, cfg.is_threshold) if name == "tis" else None
+    lr = log_ratio(b.logp, base, mask, cfg.level, cfg.log_ratio_clamp)
+    return ppo_clip(lr, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip, w), mask

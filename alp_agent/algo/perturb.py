@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+
+from alp_agent.algo.config import AlgoConfig
 
 _MASK = (1 << 63) - 1
 
@@ -229,13 +231,64 @@ class LayerPerturbation(nn.Module):
             h.remove()
         self._handles.clear()
 
+    # ---- how the trainer optimises the s_l (kept here, beside the parameter they concern) ----
+    @property
+    def learnable(self) -> bool:
+        return isinstance(self.log_sigma, nn.Parameter)
+
+    def optimizer_group(self, lr: float) -> dict | None:
+        """The s_l's own AdamW parameter group (alp.md: own learning rate; no weight decay), None when fixed."""
+        if not self.learnable:
+            return None
+        return {"params": [self.log_sigma], "lr": lr, "weight_decay": 0.0, "name": "log_sigma"}
+
+    def penalty_backward(self, alpha: float, beta: float) -> float | None:
+        """Backpropagate the optional alpha*sigma^2 - beta*log sigma^2 penalty; its value, or None when off."""
+        if alpha <= 0 and beta <= 0:
+            return None
+        pen = sigma_penalty(self.log_sigma, alpha, beta)
+        if pen.requires_grad:
+            pen.backward()
+        return float(pen.detach())
+
+    def average_grad(self, all_reduce_avg: Callable[[torch.Tensor], None]) -> None:
+        """Under torchrun: the s_l live outside the wrapped model, so DDP/FSDP2 do not reduce their gradient; average
+        it over ranks (as DDP does for parameters) so every rank takes the same step and they stay replicated."""
+        if not self.learnable:
+            return
+        if self.log_sigma.grad is None:  # cannot happen with noise on every forward; keep the collective paired
+            self.log_sigma.grad = torch.zeros_like(self.log_sigma)
+        all_reduce_avg(self.log_sigma.grad)
+
+    def clip_grad(self, max_norm: float) -> tuple[float, torch.Tensor | None]:
+        """Clip the s_l gradient on its own; returns (pre-clip norm, a copy of the pre-clip gradient or None).
+        Choice: clipped apart from the policy, so a large sigma gradient cannot shrink the policy step through a
+        shared global norm."""
+        if not self.learnable or self.log_sigma.grad is None:
+            return 0.0, None
+        grad = self.log_sigma.grad.detach().clone()
+        return float(torch.nn.utils.clip_grad_norm_([self.log_sigma], max_norm)), grad
+
+    def metrics(self, grad: torch.Tensor | None = None) -> dict[str, float]:
+        """sigma per layer (mean/min/max and each layer) and, when given, its gradient."""
+        s = self.sigmas().float().cpu()
+        m = {"sigma/mean": float(s.mean()), "sigma/min": float(s.min()), "sigma/max": float(s.max())}
+        for lid, v in zip(self.layer_ids, s.tolist()):
+            m[f"sigma/layer_{lid}"] = v
+        if grad is not None:
+            g = grad.float().cpu()
+            m["sigma_grad/norm"] = float(g.norm())
+            for lid, v in zip(self.layer_ids, g.tolist()):
+                m[f"sigma_grad/layer_{lid}"] = v
+        return m
+
 
 def sigma_penalty(log_sigma: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """Optional penalty alpha*sigma^2 - beta*log sigma^2 summed over layers (a dev version of the paper; off by default)."""
     return (alpha * torch.exp(2 * log_sigma) - beta * 2 * log_sigma).sum()
 
 
-def build_perturbation(model: nn.Module, cfg, rank: int = 0) -> LayerPerturbation | None:
+def build_perturbation(model: nn.Module, cfg: AlgoConfig, rank: int = 0) -> LayerPerturbation | None:
     """From an AlgoConfig: the attached perturbation, or None when noise is off (Bypass and the baselines).
     rank: this trainer process under torchrun (enters the noise seed)."""
     if not cfg.noise_on:

@@ -7,7 +7,7 @@ process), the float32 trainer on the same GPU, a few asynchronous training batch
 Why random weights: the check must run offline in minutes on a bare GPU machine. The model is built locally from a
 Qwen2 config with the shapes of Qwen2.5-0.5B (24 layers, hidden 896, GQA 14/2, head_dim 64) and the embedded
 SmolLM2 tokenizer (vocabulary 49152 instead of 151936), so kernels, memory and sync are exercised at a realistic
-size. A random model never answers a math problem, so the check's env (`alp/GpuCheck-v0`, below) rewards the CRC
+size. A random model never answers a math problem, so the check's env (`alp/GpuCheck-v0`, envs/crc_parity.py) rewards the CRC
 parity of the text: rewards vary inside every group, advantages are non-zero and the weights really move.
 
 Pass means: every batch ran, losses and gradient norms are finite, no step skipped, no non-finite logprob,
@@ -23,18 +23,15 @@ import json
 import math
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import torch
 
-from envs.registration import register_env
-
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "gpu_check.yaml"
-ENV_ID = "alp/GpuCheck-v0"
+ENV_ID = "alp/GpuCheck-v0"  # envs/crc_parity.py, imported through the config's env.imports
 
 # Qwen2.5-0.5B's shapes (its config.json), except the vocabulary, which is the borrowed tokenizer's.
 QWEN25_05B = {
@@ -49,33 +46,6 @@ QWEN25_05B = {
     "rope_theta": 1000000.0,
 }
 SIZES = {"qwen2.5-0.5b": QWEN25_05B, "tiny": {}}  # tiny = the test suite's 2-layer model (CPU dry runs of the path)
-
-
-class GpuCheckEnv(gym.Env):
-    """One model turn per episode; reward = CRC32 parity of the text. Meaningless as a task, but it gives a random
-    model varied rewards, hence real gradients. No tool, so the sandbox is never used."""
-
-    metadata: dict[str, Any] = {"render_modes": []}  # noqa: RUF012 - gymnasium's convention
-    stop_strings: list[str] = []  # noqa: RUF012
-
-    def __init__(self, sandbox=None, num_tasks: int = 64):
-        self._num_tasks = num_tasks
-
-    @property
-    def num_tasks(self) -> int:
-        return self._num_tasks
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
-        i = int((options or {}).get("task_index", 0))
-        return [{"role": "user", "content": f"Task {i}: write a short sentence about the number {i}."}], {}
-
-    def step(self, action: str):
-        reward = float(zlib.crc32(action.encode("utf-8", "replace")) % 2)
-        return [], reward, True, False, {"tool_calls": 0, "tool_errors": 0, "end_reason": "answer"}
-
-
-register_env(ENV_ID, GpuCheckEnv)
 
 
 def param_count(cfg: dict, vocab: int) -> int:
@@ -137,6 +107,9 @@ def run_check(out: Path, size: str, overrides: list[str], dry_run: bool, allow_c
     )
     print("gpu_check: plan " + ", ".join(f"{k}={v:.2f}" for k, v in plan.items()))
     if dry_run:
+        from envs.registration import load_env_modules
+
+        load_env_modules(cfg.env.imports)
         env = gym.make(ENV_ID)
         msgs, _ = env.reset(seed=0, options={"task_index": 3})
         _, r, term, _, _ = env.step("hello")
@@ -152,13 +125,11 @@ def run_check(out: Path, size: str, overrides: list[str], dry_run: bool, allow_c
 
 
 def _run(cfg, out: Path, model_dir: Path, size: str, plan: dict, device: torch.device) -> int:
-    from alp_agent.app.job import build_inference
+    from alp_agent.app.job import build_inference, build_trainer, open_writer
     from alp_agent.engine.base import SamplingConfig
-    from alp_agent.models import build_tiny_model, load_model
+    from alp_agent.models import build_tiny_model
     from alp_agent.rollout.chat import ChatTemplate
-    from alp_agent.train.logging import MetricsWriter
-    from alp_agent.train.loop import run_training
-    from alp_agent.train.trainer import Trainer
+    from alp_agent.train.loop import LoopConfig, run_training
 
     t: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -175,24 +146,13 @@ def _run(cfg, out: Path, model_dir: Path, size: str, plan: dict, device: torch.d
         "plan": plan,
         "config": cfg.model_dump(mode="json"),
     }
-    writer = MetricsWriter(out / cfg.run.name, tensorboard=False)
+    writer = open_writer(cfg, out / cfg.run.name)  # configs/gpu_check.yaml: no TensorBoard
     try:
-        model = load_model(model_dir, dtype=torch.float32, device=device)
+        trainer = build_trainer(cfg, comps.model_dir, writer, device)
+        model = trainer.model
         initial = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        trainer = Trainer(model, cfg.trainer, writer=writer)
         t2 = time.perf_counter()
-        hist = run_training(
-            trainer,
-            comps.runner.run,
-            comps.engine,
-            comps.num_tasks,
-            cfg.run.iterations,
-            cfg.run.prompts_per_batch,
-            cfg.run.samples_per_prompt,
-            seed=cfg.run.seed,
-            async_rollout=cfg.run.async_rollout,
-            max_staleness=cfg.run.max_staleness,
-        )
+        hist = run_training(trainer, comps.runner, comps.engine, LoopConfig.from_run_config(cfg, comps.num_tasks))
         t["train_s"] = time.perf_counter() - t2
         t["per_batch"] = [
             {k: h.get(k) for k in ("time/rollout", "time/rollout_wait", "time/batch_update_total", "time/sync")}

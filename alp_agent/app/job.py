@@ -13,11 +13,20 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alp_agent.config import RunConfig
 from alp_agent.config_io import ConfigError, deep_merge, dump_config
 from alp_agent.rollout.trajectory import Trajectory
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from alp_agent.engine.base import Engine
+    from alp_agent.rollout.runner import RolloutRunner
+    from alp_agent.train.logging import MetricsWriter
+    from alp_agent.train.trainer import Trainer
+    from sandbox.base import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +66,28 @@ def make_env_fn(cfg: RunConfig, sandbox, eval_env: bool = False) -> tuple[Callab
 
 @dataclass
 class Components:
+    """The inference side of a run, built once by `build_inference`: sandbox, engine, tokenizer, rollout runners."""
+
     cfg: RunConfig
-    sandbox: Any
-    engine: Any
-    tokenizer: Any
-    runner: Any
-    eval_runner: Any
-    model_dir: str = ""
-    trainer: Any = None
-    num_tasks: int = 0
-    num_eval_tasks: int = 0
-    closers: list = field(default_factory=list)
+    sandbox: Sandbox
+    engine: Engine
+    tokenizer: PreTrainedTokenizerBase
+    runner: RolloutRunner
+    eval_runner: RolloutRunner
+    model_dir: str
+    num_tasks: int
+    num_eval_tasks: int
+    closers: list[Callable[[], None]] = field(default_factory=list)  # called in reverse order by close()
+    trainer: Trainer | None = None  # set by train() once built
 
     def close(self) -> None:
-        for c in reversed(self.closers):
-            with contextlib.suppress(Exception):
-                c()
+        _close_all(self.closers)
+
+
+def _close_all(closers: list[Callable[[], None]]) -> None:
+    for c in reversed(closers):
+        with contextlib.suppress(Exception):
+            c()
 
 
 def build_inference(cfg: RunConfig) -> Components:
@@ -88,27 +103,54 @@ def build_inference(cfg: RunConfig) -> Components:
         raise ConfigError(f"engine.model: {e}") from None
     engine_cfg = cfg.engine.model_copy(update={"model": model_dir, "seed": cfg.run.seed})
     sandbox = make_sandbox(cfg.sandbox)
-    comps = Components(cfg, sandbox, None, None, None, None, model_dir=model_dir, closers=[sandbox.close])
+    closers: list[Callable[[], None]] = [sandbox.close]
     try:
-        env_fn, comps.num_tasks = make_env_fn(cfg, sandbox)
-        eval_fn, comps.num_eval_tasks = make_env_fn(cfg, sandbox, eval_env=True)
-        comps.tokenizer = load_tokenizer(model_dir)
+        env_fn, num_tasks = make_env_fn(cfg, sandbox)
+        eval_fn, num_eval_tasks = make_env_fn(cfg, sandbox, eval_env=True)
+        tokenizer = load_tokenizer(model_dir)
         try:
-            comps.engine = make_engine(engine_cfg)  # one in-process vLLM, a process engine, or a pool of them
+            engine = make_engine(engine_cfg)  # one in-process vLLM, a process engine, or a pool of them
         except PlacementError as e:
             raise ConfigError(str(e)) from None
-        comps.closers.append(comps.engine.close)
+        closers.append(engine.close)
         rcfg = cfg.rollout.model_copy(update={"seed": cfg.run.seed})
         ecfg = rcfg.model_copy(
             update={"temperature": cfg.eval.temperature, "max_turns": cfg.eval.max_turns or rcfg.max_turns}
         )
-        comps.runner = RolloutRunner(comps.engine, comps.tokenizer, env_fn, rcfg)
-        comps.eval_runner = RolloutRunner(comps.engine, comps.tokenizer, eval_fn, ecfg)
-        comps.closers += [comps.runner.close, comps.eval_runner.close]
+        runner = RolloutRunner(engine, tokenizer, env_fn, rcfg)
+        eval_runner = RolloutRunner(engine, tokenizer, eval_fn, ecfg)
+        closers += [runner.close, eval_runner.close]
     except BaseException:
-        comps.close()
+        _close_all(closers)
         raise
-    return comps
+    return Components(
+        cfg, sandbox, engine, tokenizer, runner, eval_runner, model_dir, num_tasks, num_eval_tasks, closers
+    )
+
+
+def build_trainer(cfg: RunConfig, model_dir: str, writer: MetricsWriter | None = None, device=None) -> Trainer:
+    """The float32 policy loaded from `model_dir` on this rank's device (cuda:LOCAL_RANK on a GPU machine, one process:
+    cuda:0; else the CPU) and its Trainer: the one place the job, the torchrun followers and the GPU check build it."""
+    import torch
+
+    from alp_agent.models import load_model
+    from alp_agent.train import distributed as D
+    from alp_agent.train.trainer import Trainer
+
+    model = load_model(model_dir, dtype=torch.float32, device=device if device is not None else D.local_device())
+    return Trainer(model, cfg.trainer, writer=writer)
+
+
+def open_writer(cfg: RunConfig, run_dir: Path) -> MetricsWriter:
+    """The run's metrics writer (metrics.jsonl, TensorBoard, wandb as configured)."""
+    from alp_agent.train.logging import MetricsWriter
+
+    return MetricsWriter(
+        run_dir,
+        tensorboard=cfg.run.tensorboard,
+        wandb_project=cfg.run.wandb_project,
+        run_config=cfg.model_dump(mode="json"),
+    )
 
 
 def run_eval(comps: Components, policy_version: int, num_tasks: int | None = None, samples: int | None = None):
@@ -170,11 +212,10 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
     import torch
 
     from alp_agent.app.progress import Progress
-    from alp_agent.models import load_model
     from alp_agent.train import distributed as D
+    from alp_agent.train import ranks
     from alp_agent.train.checkpoint import latest_checkpoint, load_checkpoint
-    from alp_agent.train.logging import MetricsWriter
-    from alp_agent.train.trainer import Trainer
+    from alp_agent.train.ranks import Command
 
     if cfg.rollout.temperature <= 0:
         raise ConfigError(
@@ -204,21 +245,13 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
         ui.phase("starting: sandbox, vLLM, model")
         with D.launcher_env_hidden():  # a no-op without torchrun; under it, also with a single rank
             comps = build_inference(cfg)
-        writer = MetricsWriter(
-            run_dir,
-            tensorboard=cfg.run.tensorboard,
-            wandb_project=cfg.run.wandb_project,
-            run_config=cfg.model_dump(mode="json"),
-        )
+        writer = open_writer(cfg, run_dir)
         comps.closers.append(writer.close)
         try:
             ckpt = latest_checkpoint(ckpt_dir) if resume else None
             if dist_on:  # the other ranks build their trainer (and load the checkpoint) with ours
-                D.broadcast_object(("start", (comps.model_dir, str(ckpt) if ckpt is not None else None)), command=True)
-            # the trainer's device: cuda:LOCAL_RANK on a GPU machine (one process: cuda:0), else the CPU
-            model = load_model(comps.model_dir, dtype=torch.float32, device=D.local_device())
-            trainer = Trainer(model, cfg.trainer, writer=writer)
-            comps.trainer = trainer
+                ranks.announce(Command.START, (comps.model_dir, str(ckpt) if ckpt is not None else None))
+            trainer = comps.trainer = build_trainer(cfg, comps.model_dir, writer)
             if ckpt is not None:
                 load_checkpoint(trainer, ckpt)
                 trainer.sync_weights(comps.engine)  # the engine must sample with the resumed weights
@@ -257,10 +290,10 @@ def _follow(cfg: RunConfig) -> dict[str, Any]:
 
     import torch
 
-    from alp_agent.models import load_model
     from alp_agent.train import distributed as D
+    from alp_agent.train import ranks
     from alp_agent.train.checkpoint import load_checkpoint
-    from alp_agent.train.trainer import Trainer
+    from alp_agent.train.ranks import Command
 
     with contextlib.suppress(ValueError):  # not the main thread (tests): keep the default handler
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -268,11 +301,11 @@ def _follow(cfg: RunConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
     summary = {"run_dir": str(run_dir_of(cfg)), "rank": D.rank()}
-    command, payload = D.broadcast_object(None, command=True)
-    if command != "start":  # rank 0 finished before training started
+    command, payload = ranks.receive()
+    if command is not Command.START:  # rank 0 finished before training started
         return summary
     model_dir, ckpt = payload  # rank 0 resolved (and downloaded) the model already
-    trainer = Trainer(load_model(model_dir, dtype=torch.float32, device=D.local_device()), cfg.trainer)
+    trainer = build_trainer(cfg, model_dir)
     if ckpt is not None:
         load_checkpoint(trainer, ckpt)
     trainer.follow()
@@ -284,7 +317,7 @@ def _loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir) -> dict[str, Any]:
     progress display, and a whole-batch checkpoint on Ctrl-C."""
     from alp_agent.train.checkpoint import save_checkpoint
     from alp_agent.train.episode_log import log_sampled_episodes
-    from alp_agent.train.loop import LoopHooks, run_training
+    from alp_agent.train.loop import LoopConfig, LoopHooks, run_training
 
     summary: dict[str, Any] = {}
 
@@ -325,27 +358,13 @@ def _loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir) -> dict[str, Any]:
             log_sampled_episodes(run_dir, batch, trajs, comps.tokenizer, trainer, cfg.run.sample_episodes),
         ),
         after_batch=after_batch,
+        # the last batch is evaluated once, as "after", below
+        evaluate=lambda _v: evaluate(f"batch {trainer.batch}") if trainer.batch < cfg.run.iterations else None,
     )
     interrupted = False
     try:
         run_training(
-            trainer,
-            comps.runner.run,
-            comps.engine,
-            comps.num_tasks,
-            cfg.run.iterations,
-            cfg.run.prompts_per_batch,
-            cfg.run.samples_per_prompt,
-            checkpoint_dir=str(ckpt_dir),
-            checkpoint_every=cfg.run.checkpoint_every,
-            keep_checkpoints=cfg.run.keep_checkpoints,
-            seed=cfg.run.seed,
-            eval_every=cfg.eval.every,
-            hooks=hooks,
-            async_rollout=cfg.run.async_rollout,
-            max_staleness=cfg.run.max_staleness,
-            # the last batch is evaluated once, as "after", below
-            eval_fn=lambda _v: evaluate(f"batch {trainer.batch}") if trainer.batch < cfg.run.iterations else None,
+            trainer, comps.runner, comps.engine, LoopConfig.from_run_config(cfg, comps.num_tasks, str(ckpt_dir)), hooks
         )
     except KeyboardInterrupt:
         interrupted = True

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from alp_agent.train import distributed as D
+from alp_agent.train import ranks
+from alp_agent.train.ranks import Command
 
 try:  # numpy is optional for us, but present with vllm/transformers
     import numpy as np
@@ -95,7 +97,7 @@ def _save_sharded(trainer, ckpt_dir: Path, keep_last: int | None) -> Path:
     folder only after all ranks finished (barriers), so `latest` never names a partial checkpoint."""
     import torch.distributed.checkpoint as dcp
 
-    trainer.announce("save_checkpoint", (str(ckpt_dir), keep_last))
+    ranks.announce(Command.SAVE_CHECKPOINT, (str(ckpt_dir), keep_last))
     final = ckpt_dir / f"step_{trainer.batch:06d}"
     tmp = ckpt_dir / (final.name + ".tmp")
     if D.is_main():

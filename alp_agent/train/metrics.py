@@ -5,7 +5,11 @@ Everything returns plain floats keyed by name, so one writer (alp_agent.train.lo
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
+
+from alp_agent.rollout.trajectory import Trajectory
 
 # alp.md lists 1,5,25,50,75,95,99,99.9 %; 2 and 98 % add the P2-P98 envelope the paper plots for the sequence ratio.
 QUANTILES = (0.01, 0.02, 0.05, 0.25, 0.5, 0.75, 0.95, 0.98, 0.99, 0.999)
@@ -53,3 +57,34 @@ def mean_over(values: list[dict[str, float]]) -> dict[str, float]:
         for k, v in d.items():
             acc.setdefault(k, []).append(float(v))
     return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def episode_metrics(trajs: list[Trajectory], policy_version: int) -> dict[str, float]:
+    """Reward, lengths, turns, tool calls/errors, token drift, truncation and staleness of a rollout batch."""
+    if not trajs:
+        return {}
+    n = len(trajs)
+    r = torch.tensor([t.reward for t in trajs], dtype=torch.float64)
+    resp = torch.tensor([float(t.num_model_tokens) for t in trajs])
+    calls = sum(t.num_tool_calls for t in trajs)
+    m = {
+        "reward/mean": float(r.mean()),
+        "reward/std": float(r.std()) if n > 1 else 0.0,
+        "reward/min": float(r.min()),
+        "reward/max": float(r.max()),
+        "length/response_mean": float(resp.mean()),
+        "length/response_max": float(resp.max()),
+        "length/completion_mean": sum(len(t.completion_ids) for t in trajs) / n,
+        "length/prompt_mean": sum(len(t.prompt_ids) for t in trajs) / n,
+        "turns/mean": sum(t.num_turns for t in trajs) / n,
+        "tools/calls_per_episode": calls / n,
+        "tools/error_rate": sum(t.num_tool_errors for t in trajs) / max(calls, 1),
+        "token_drift/total": float(sum(t.token_drift for t in trajs)),
+        "token_drift/episode_frac": sum(t.token_drift > 0 for t in trajs) / n,
+        "truncated_frac": sum(t.truncated for t in trajs) / n,
+        "staleness/mean": sum(policy_version - t.policy_version for t in trajs) / n,
+        "staleness/max": float(max(policy_version - t.policy_version for t in trajs)),
+    }
+    for reason, c in Counter(t.finish_reason or "unknown" for t in trajs).items():
+        m[f"finish/{reason}"] = c / n
+    return m

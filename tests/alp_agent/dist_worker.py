@@ -75,14 +75,14 @@ def alp_noise() -> None:
     """ALP under FSDP2: per-rank noise, replicated log-sigmas whose gradient is the ranks' average."""
     tr = Trainer(tiny(), config(dist={"strategy": "fsdp2"}))
     sigma_grads = []
-    inner = tr._sync_sigma_grad
+    inner = tr.perturbation.average_grad
 
-    def recording() -> None:
+    def recording(all_reduce_avg) -> None:
         before = tr.perturbation.log_sigma.grad.clone()
-        inner()
+        inner(all_reduce_avg)
         sigma_grads.append((before, tr.perturbation.log_sigma.grad.clone()))
 
-    tr._sync_sigma_grad = recording
+    tr.perturbation.average_grad = recording
     res = lead(tr, lambda: {"metrics": tr.update(make_batch(tiny()))})
     # the same input on both ranks, in train mode: noisy forwards differ by rank, clean ones do not
     ids = torch.tensor([make_batch(tiny())[0].ids])

@@ -15,7 +15,7 @@ from test_trainer import tiny  # the same tiny Llama as the trainer tests
 
 from alp_agent.algo.config import TrainerConfig
 from alp_agent.rollout.trajectory import Trajectory
-from alp_agent.train.loop import run_training
+from alp_agent.train.loop import FunctionSampler, LoopConfig, run_training
 from alp_agent.train.trainer import Trainer
 
 PROMPT, LENGTH = 3, 6
@@ -86,7 +86,7 @@ def _train(batches: int, **kw) -> tuple[Trainer, CopyEngine, list[dict]]:
     )
     tr = Trainer(tiny(1), cfg)
     eng = CopyEngine(tr)
-    hist = run_training(tr, eng.rollout, eng, num_tasks=8, num_batches=batches, prompts_per_batch=8, n_per_task=8, **kw)
+    hist = run_training(tr, FunctionSampler(eng.rollout), eng, LoopConfig(8, batches, 8, 8, **kw))
     return tr, eng, hist
 
 
@@ -112,7 +112,7 @@ def test_sync_mode_is_unchanged():
 def test_async_needs_an_engine():
     tr = Trainer(tiny(1), TrainerConfig())
     with pytest.raises(ValueError, match="async_rollout"):
-        run_training(tr, lambda *a: [], None, 4, 1, 1, 1, async_rollout=True)
+        run_training(tr, FunctionSampler(lambda *a: []), None, LoopConfig(4, 1, 1, 1, async_rollout=True))
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ import torch
 from dist_worker import grad_recorder
 from test_trainer import config, make_batch, tiny
 
+from alp_agent.train.batching import split_rows
 from alp_agent.train.checkpoint import (
     export_hf,
     latest_checkpoint,
@@ -25,7 +26,7 @@ from alp_agent.train.checkpoint import (
     load_policy_weights,
     save_checkpoint,
 )
-from alp_agent.train.trainer import Trainer, split_rows
+from alp_agent.train.trainer import Trainer
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 
@@ -153,7 +154,7 @@ def test_sharded_checkpoint_loads_in_one_process_and_exports(runs, tmp_path):
 
 
 def test_split_rows_balances_tokens_and_covers_every_row():
-    from alp_agent.train.trainer import _Row
+    from alp_agent.train.batching import Row as _Row
 
     rows = [_Row(list(range(n)), [1.0] * n, [0.0] * n, 0.0, 1.0) for n in (9, 3, 8, 2, 7, 1, 5)]
     parts = [split_rows(rows, 3, r) for r in range(3)]

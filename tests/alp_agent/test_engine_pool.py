@@ -209,7 +209,7 @@ def test_async_training_on_the_pool_records_the_true_version(pool, tiny_model_di
     from alp_agent.rollout.config import RolloutConfig
     from alp_agent.rollout.runner import RolloutRunner
     from alp_agent.train.logprobs import sequence_logprobs
-    from alp_agent.train.loop import LoopHooks, run_training
+    from alp_agent.train.loop import LoopConfig, LoopHooks, run_training
     from alp_agent.train.trainer import Trainer
 
     model = load_model(tiny_model_dir)
@@ -230,18 +230,8 @@ def test_async_training_on_the_pool_records_the_true_version(pool, tiny_model_di
         RolloutConfig(max_tokens_per_turn=8, max_turns=1, seed=0, temperature=1.0, on_turn_limit="continue"),
     )
     try:
-        hist = run_training(
-            trainer,
-            runner.run,
-            pool,
-            num_tasks=4,
-            num_batches=3,
-            prompts_per_batch=2,
-            n_per_task=4,
-            async_rollout=True,
-            max_staleness=1,
-            hooks=hooks,
-        )
+        loop = LoopConfig(num_tasks=4, num_batches=3, prompts_per_batch=2, n_per_task=4, async_rollout=True)
+        hist = run_training(trainer, runner, pool, loop, hooks)
         assert [h["staleness/max"] for h in hist] == [0, 1, 1]
         assert sorted({t.policy_version for t in sampled}) == [0, 1]
         check = load_model(tiny_model_dir).eval()

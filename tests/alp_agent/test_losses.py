@@ -8,6 +8,7 @@ import torch
 from alp_agent.algo.advantages import group_advantages
 from alp_agent.algo.config import AlgoConfig, TrainerConfig
 from alp_agent.algo.losses import (
+    LossBatch,
     aggregate,
     kl_penalty,
     log_ratio,
@@ -124,16 +125,8 @@ def test_kl_estimators():
 
 
 # ------------------------------------------------------------------ every algorithm through policy_loss
-def _resolved(name, **kw):
-    a = AlgoConfig(name=name, **kw)
-    return {
-        "level": a.level,
-        "eps_low": a.eps_low,
-        "eps_high": a.eps_high,
-        "dual_clip": a.dual_clip,
-        "is_level": a.is_level,
-        "is_threshold": a.is_threshold,
-    }
+def _loss(name, logp, inf, m, adv, old=None, **kw):
+    return policy_loss(AlgoConfig(name=name, **kw), LossBatch(logp, inf, m, adv, old))
 
 
 def test_policy_loss_every_algorithm_by_hand():
@@ -144,28 +137,28 @@ def test_policy_loss_every_algorithm_by_hand():
     adv = T([[1.0]])
     # ALP / Bypass, sequence level: S = 0.5 -> rho = e^0.5 = 1.6487 on both tokens, unclipped (band [0.5, 4])
     for name in ("alp", "bypass"):
-        t, mk = policy_loss(name, logp, inf, m, adv, **_resolved(name))
+        t, mk = _loss(name, logp, inf, m, adv)
         assert torch.allclose(t.loss, T([[-math.exp(0.5)] * 2]))
         assert torch.equal(mk, m)
     # ALP token level: rho = [e^0.5, 1]
-    t, _ = policy_loss("alp", logp, inf, m, adv, **_resolved("alp", ratio_level="token"))
+    t, _ = _loss("alp", logp, inf, m, adv, ratio_level="token")
     assert torch.allclose(t.loss, T([[-math.exp(0.5), -1.0]]))
     # GRPO: token level vs old: d = [0.2, -0.1]
-    t, _ = policy_loss("grpo", logp, inf, m, adv, old=old, **_resolved("grpo"))
+    t, _ = _loss("grpo", logp, inf, m, adv, old=old)
     assert torch.allclose(t.loss, T([[-math.exp(0.2), -math.exp(-0.1)]]))
     with pytest.raises(ValueError):
-        policy_loss("grpo", logp, inf, m, adv, **_resolved("grpo"))
+        _loss("grpo", logp, inf, m, adv)
     # TIS token: weight min(exp(old - inf), 2) = [min(e^0.3, 2), e^0.1]
-    t, _ = policy_loss("tis", logp, inf, m, adv, old=old, **_resolved("tis"))
+    t, _ = _loss("tis", logp, inf, m, adv, old=old)
     w = T([[math.exp(0.3), math.exp(0.1)]])
     assert torch.allclose(t.loss, T([[-math.exp(0.2), -math.exp(-0.1)]]) * w)
     # MIS token C=2: log w = [0.3, 0.1] both inside [-0.69, 0.69] -> kept; C=1.2 (log 0.182) drops token 0
-    _, mk = policy_loss("mis", logp, inf, m, adv, old=old, **_resolved("mis"))
+    _, mk = _loss("mis", logp, inf, m, adv, old=old)
     assert mk.tolist() == [[True, True]]
-    _, mk = policy_loss("mis", logp, inf, m, adv, old=old, **_resolved("mis", is_threshold=1.2))
+    _, mk = _loss("mis", logp, inf, m, adv, old=old, is_threshold=1.2)
     assert mk.tolist() == [[False, True]]
     # GSPO: geometric sequence ratio vs old: (0.2 - 0.1) / 2 = 0.05 -> rho = e^0.05, band [1-3e-4, 1+4e-4] -> clipped
-    t, _ = policy_loss("gspo", logp, inf, m, adv, old=old, **_resolved("gspo"))
+    t, _ = _loss("gspo", logp, inf, m, adv, old=old)
     assert torch.allclose(t.loss, T([[-(1 + 4e-4)] * 2]))
     assert t.clip_upper.all()
 

@@ -9,11 +9,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from alp_agent.algo.config import TrainerConfig
 from alp_agent.rollout.trajectory import Trajectory
+from alp_agent.train.batching import micro_batches
 from alp_agent.train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from alp_agent.train.logging import MetricsWriter
 from alp_agent.train.logprobs import sequence_logprobs
-from alp_agent.train.loop import run_training
-from alp_agent.train.trainer import Trainer, micro_batches
+from alp_agent.train.loop import FunctionSampler, LoopConfig, run_training
+from alp_agent.train.trainer import Trainer
 
 VOCAB = 64
 
@@ -125,7 +126,7 @@ def test_micro_batching_equals_one_big_batch():
 
 
 def test_micro_batches_bucket_by_length_and_budget():
-    from alp_agent.train.trainer import _Row
+    from alp_agent.train.batching import Row as _Row
 
     rows = [_Row(list(range(n)), [1.0] * n, [0.0] * n, 0.0, 1.0) for n in (5, 20, 6, 19, 7)]
     mbs = micro_batches(rows, token_budget=40, max_rows=8)
@@ -353,17 +354,8 @@ def test_short_real_loop_raises_reward(tmp_path):
             )
         return out
 
-    hist = run_training(
-        tr,
-        rollout,
-        engine=FakeEngine(),
-        num_tasks=8,
-        num_batches=15,
-        prompts_per_batch=8,
-        n_per_task=8,
-        checkpoint_dir=str(tmp_path / "ckpt"),
-        checkpoint_every=5,
-    )
+    loop = LoopConfig(8, 15, 8, 8, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=5)
+    hist = run_training(tr, FunctionSampler(rollout), FakeEngine(), loop)
     writer.close()
     first = sum(h["reward/mean"] for h in hist[:2]) / 2
     last = sum(h["reward/mean"] for h in hist[-2:]) / 2
