@@ -39,8 +39,10 @@ class EvalSection(_Strict):
     """Held-out evaluation inside training (and the defaults of `alp-agent eval`)."""
 
     env_kwargs: dict[str, Any] = Field(
-        default_factory=lambda: {"dataset": {"name": "synthetic", "seed": 1}},
-        description="Overrides of env.kwargs for the held-out env (default: synthetic tasks of another seed).",
+        default_factory=dict,
+        description="Overrides of env.kwargs for the held-out env, merged key by key (default: none, so the "
+        "held-out env is the training env; set a held-out split here, e.g. the math env's dataset: {name: "
+        "synthetic, seed: 1}).",
     )
     num_tasks: int = Field(32, ge=0, description="Held-out problems per evaluation (the first N). 0 = no eval.")
     samples: int = Field(1, ge=1, description="Samples per problem (avg@k and pass@k use them).")

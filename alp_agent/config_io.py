@@ -1,5 +1,15 @@
 """Loading pydantic run configs from YAML with `dotted.key=value` overrides, and turning mistakes into one line.
 
+A config may extend another with a top-level `base: other.yaml`: its mappings are merged key by key into the base's.
+To replace an inherited mapping instead of merging into it, tag it `!replace`:
+
+    base: quickstart.yaml
+    env:
+      id: my/Convert-v0
+      kwargs: !replace {max_turns: 4}     # the quickstart's dataset, system prompt, ... are dropped, not merged
+
+(A `dotted.key=value` override on the command line always replaces the value it names.)
+
 Kept apart from the config models themselves so every package's config (sandbox, env, rollout, algo) can be
 embedded in the run config without knowing about YAML.
 """
@@ -50,12 +60,38 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class Replace(dict):
+    """A mapping tagged `!replace` in YAML: `deep_merge` puts it in place of the base's value, unmerged."""
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load plus the `!replace` tag."""
+
+
+def _construct_replace(loader: yaml.SafeLoader, node: yaml.Node) -> Replace:
+    if not isinstance(node, yaml.MappingNode):
+        raise yaml.constructor.ConstructorError(None, None, "!replace applies to a mapping ({...})", node.start_mark)
+    return Replace(loader.construct_mapping(node, deep=True))
+
+
+_Loader.add_constructor("!replace", _construct_replace)
+
+
+def _plain(x: Any) -> Any:
+    """Drop the `Replace` markers once merging is done."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    return x
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -68,15 +104,22 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def deep_merge(base: dict, over: dict) -> dict:
+    """`over` merged into `base` key by key; a `Replace` mapping in `over` takes the base's place whole."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        merge = isinstance(v, dict) and not isinstance(v, Replace) and isinstance(out.get(k), dict)
+        out[k] = deep_merge(out[k], v) if merge else v
     return out
 
 
-def read_yaml_with_base(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+def read_yaml_with_base(path: str | Path) -> dict:
     """Read a YAML config; a top-level `base: other.yaml` (relative to this file) is loaded first and this file's
-    keys are deep-merged over it, so a baseline config states only what differs from the one it extends."""
+    keys are deep-merged over it, so a baseline config states only what differs from the one it extends (a mapping
+    tagged `!replace` replaces the base's instead; see the module docstring)."""
+    return _plain(_read_with_base(Path(path), ()))
+
+
+def _read_with_base(path: Path, _seen: tuple[Path, ...]) -> dict:
     path = Path(path).resolve()
     if path in _seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
@@ -86,7 +129,7 @@ def read_yaml_with_base(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be a path to another YAML file")
-    return deep_merge(read_yaml_with_base(path.parent / base, (*_seen, path)), data)
+    return deep_merge(_read_with_base(path.parent / base, (*_seen, path)), data)
 
 
 def format_validation_error(err: ValidationError, source: str = "config") -> str:
