@@ -1,6 +1,6 @@
-"""ALP and every baseline as pure functions of (B, T) tensors; read against alp.md "Ratio" and "Loss".
+"""ALP and every baseline as pure functions of (B, T) tensors; read against docs/method.md "The ratio" and "The loss".
 
-Notation (alp.md): logp = l_t (training logprob, perturbed for ALP), infer = l^inf_t (engine logprob, mu),
+Notation (docs/method.md): logp = l_t (training logprob, perturbed for ALP), infer = l^inf_t (engine logprob, mu),
 old = pi_{theta_old} logprob recomputed by the trainer without noise, mask = m_t, adv = A broadcast to tokens.
 All functions take right-padded (B, T) tensors; masked positions may hold anything finite.
 
@@ -97,7 +97,7 @@ def ppo_clip(
 def aggregate(
     values: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean", denom: float | None = None
 ) -> torch.Tensor:
-    """token_mean: sum_t m_t v_t / sum m (alp.md); seq_mean: mean over sequences of per-sequence token means.
+    """token_mean: sum_t m_t v_t / sum m (docs/method.md); seq_mean: mean over sequences of per-sequence token means.
 
     denom overrides the normaliser (total valid tokens, or number of sequences, of the whole mini-batch) so that
     micro-batch losses add up to the mini-batch loss under gradient accumulation.

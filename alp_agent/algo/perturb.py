@@ -1,4 +1,4 @@
-"""ALP's layerwise perturbation (alp.md "Exact definition"): h_l <- h_l + sigma_l * eps_l on the residual stream
+"""ALP's layerwise perturbation (docs/method.md "The perturbation"): h_l <- h_l + sigma_l * eps_l on the residual stream
 entering each perturbed decoder layer, sigma_l = exp(s_l), eps_l ~ N(0, I) over (batch, position, hidden).
 
 How it maps to the spec:
@@ -237,7 +237,7 @@ class LayerPerturbation(nn.Module):
         return isinstance(self.log_sigma, nn.Parameter)
 
     def optimizer_group(self, lr: float) -> dict | None:
-        """The s_l's own AdamW parameter group (alp.md: own learning rate; no weight decay), None when fixed."""
+        """The s_l's own AdamW parameter group (docs/method.md: own learning rate; no weight decay), None when fixed."""
         if not self.learnable:
             return None
         return {"params": [self.log_sigma], "lr": lr, "weight_decay": 0.0, "name": "log_sigma"}

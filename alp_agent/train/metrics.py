@@ -1,4 +1,4 @@
-"""Summary statistics for the trainer's metrics (alp.md "Metrics every training step must log").
+"""Summary statistics for the trainer's metrics (docs/method.md "What to watch").
 
 Everything returns plain floats keyed by name, so one writer (alp_agent.train.logging) can send them to JSONL/TensorBoard.
 """
@@ -11,7 +11,7 @@ import torch
 
 from alp_agent.rollout.trajectory import Trajectory
 
-# alp.md lists 1,5,25,50,75,95,99,99.9 %; 2 and 98 % add the P2-P98 envelope the paper plots for the sequence ratio.
+# method.md lists 1,5,25,50,75,95,99,99.9 %; 2 and 98 % add the P2-P98 envelope the paper plots for the sequence ratio.
 QUANTILES = (0.01, 0.02, 0.05, 0.25, 0.5, 0.75, 0.95, 0.98, 0.99, 0.999)
 _MAX_QUANTILE_N = 1 << 22  # torch.quantile refuses huge inputs; subsample deterministically above this
 
