@@ -103,6 +103,13 @@ def cmd_repro(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from alp_agent.app.doctor import run_doctor
+
+    cfg = load_run_config(args.config, args.overrides)
+    return run_doctor(cfg, as_json=args.json, prompts=args.prompts, samples=args.samples)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from alp_agent.app.evaluate_cli import run_eval_command
 
@@ -186,6 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--report-only", action="store_true", help="Only rebuild table.md and plots from finished runs.")
     rr.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every run.")
     rr.set_defaults(fn=cmd_repro)
+
+    d = sub.add_parser(
+        "doctor",
+        help="Check a run's parts before training: template, masks, logprob parity, ALP noise, sandbox, machine.",
+        epilog=EPILOG,
+    )
+    d.add_argument("--config", "-c", help="YAML run config (the one you will train with).")
+    d.add_argument("--json", action="store_true", help="Print the checks as JSON (for scripts).")
+    d.add_argument("--prompts", type=int, default=2, help="Tasks sampled for the mask/parity/noise checks.")
+    d.add_argument("--samples", type=int, default=2, help="Episodes per task for those checks.")
+    d.add_argument("overrides", nargs="*", help="dotted.key=value overrides.")
+    d.set_defaults(fn=cmd_doctor)
 
     rp = sub.add_parser("report", help="Plots (PNG), a markdown summary and the episode viewer (report.html) of a run.")
     rp.add_argument("run_dir", help="Run directory.")
