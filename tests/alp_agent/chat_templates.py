@@ -8,11 +8,18 @@
 - `R1_STYLE`: DeepSeek-R1 (distill) style: earlier reasoning dropped (content after the last </think>), the
   generation prompt opens "<think>\\n", no tool rendering. Its end of sentence is the tokenizer's EOS (<|im_end|>),
   as R1's own template closes turns with its tokenizer's EOS.
+
+A fourth, `user`, joins them when `ALP_CHECK_TEMPLATE` names a chat template to check: a Hugging Face model id or
+folder (its tokenizer's template is used, with the SmolLM2 vocabulary of the tiny models) or a .jinja file, e.g.
+
+    ALP_CHECK_TEMPLATE=Qwen/Qwen3-8B python -m pytest tests/alp_agent/test_rollout_templates.py
 """
 
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 QWEN3_STYLE = (
     "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0].role == 'system' %}"
@@ -69,8 +76,27 @@ R1_STYLE = (
     "{%- if add_generation_prompt %}{{- '<｜Assistant｜><think>\\n' }}{%- endif %}"
 )
 
-TEMPLATES = {"chatml": None, "qwen3": QWEN3_STYLE, "r1": R1_STYLE}
-CLOSING = {"chatml": "<|im_end|>\n", "qwen3": "<|im_end|>\n", "r1": "<|im_end|>"}
+
+def _user_template() -> str | None:
+    spec = os.environ.get("ALP_CHECK_TEMPLATE")
+    if not spec:
+        return None
+    if Path(spec).is_file():
+        return Path(spec).read_text(encoding="utf-8")
+    from transformers import AutoTokenizer
+
+    template = AutoTokenizer.from_pretrained(spec).chat_template
+    if isinstance(template, dict):  # several named templates: the tool-use one where there is one
+        template = template.get("tool_use") or template.get("default")
+    if not isinstance(template, str):
+        raise ValueError(f"ALP_CHECK_TEMPLATE={spec}: no chat template found")
+    return template
+
+
+TEMPLATES: dict[str, str | None] = {"chatml": None, "qwen3": QWEN3_STYLE, "r1": R1_STYLE}
+CLOSING = {"chatml": "<|im_end|>\n", "qwen3": "<|im_end|>\n", "r1": "<|im_end|>"}  # user: read off the template
+if (_user := _user_template()) is not None:
+    TEMPLATES["user"] = _user
 
 
 def with_template(tokenizer, name: str):
