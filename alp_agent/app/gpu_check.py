@@ -125,18 +125,16 @@ def run_check(out: Path, size: str, overrides: list[str], dry_run: bool, allow_c
 
 
 def _run(cfg, out: Path, model_dir: Path, size: str, plan: dict, device: torch.device) -> int:
+    """Build the random model, the job's inference side and trainer; train; probe parity; judge and report."""
     from alp_agent.app.job import build_inference, build_trainer, open_writer
-    from alp_agent.engine.base import SamplingConfig
     from alp_agent.models import build_tiny_model
-    from alp_agent.rollout.chat import ChatTemplate
     from alp_agent.train.loop import LoopConfig, run_training
 
-    t: dict[str, float] = {}
+    t: dict[str, Any] = {}
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     build_tiny_model(model_dir, arch="qwen2", seed=0, **SIZES[size])
     t["build_model_s"] = time.perf_counter() - t0
-
     t1 = time.perf_counter()
     comps = build_inference(cfg)
     t["engine_start_s"] = time.perf_counter() - t1
@@ -149,8 +147,7 @@ def _run(cfg, out: Path, model_dir: Path, size: str, plan: dict, device: torch.d
     writer = open_writer(cfg, out / cfg.run.name)  # configs/gpu_check.yaml: no TensorBoard
     try:
         trainer = build_trainer(cfg, comps.model_dir, writer, device)
-        model = trainer.model
-        initial = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        initial = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
         t2 = time.perf_counter()
         hist = run_training(trainer, comps.runner, comps.engine, LoopConfig.from_run_config(cfg, comps.num_tasks))
         t["train_s"] = time.perf_counter() - t2
@@ -158,19 +155,7 @@ def _run(cfg, out: Path, model_dir: Path, size: str, plan: dict, device: torch.d
             {k: h.get(k) for k in ("time/rollout", "time/rollout_wait", "time/batch_update_total", "time/sync")}
             for h in hist
         ]
-
-        # parity: the engine's greedy tokens scored by the final and by the initial weights
-        chat = ChatTemplate(comps.tokenizer)
-        env = gym.make(ENV_ID)
-        prompts = [
-            chat.encode(chat.render(env.reset(options={"task_index": i})[0], add_generation_prompt=True))
-            for i in range(4)
-        ]
-        gens = comps.engine.generate(prompts, SamplingConfig(temperature=0.0, max_tokens=32))
-        engine_lp = torch.tensor([x for g in gens for x in g.logprobs])
-        final_d = float((_probe_logprobs(model, prompts, gens, device) - engine_lp).abs().mean())
-        model.load_state_dict(initial)
-        initial_d = float((_probe_logprobs(model, prompts, gens, device) - engine_lp).abs().mean())
+        result["parity"] = _parity(comps, trainer.model, initial, device)
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info()
             result["memory"] = {
@@ -182,7 +167,30 @@ def _run(cfg, out: Path, model_dir: Path, size: str, plan: dict, device: torch.d
         writer.close()
         comps.close()
     t["total_s"] = time.perf_counter() - t0
+    return _judge(cfg, out, hist, t, result)
 
+
+def _parity(comps, model, initial: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
+    """The engine's greedy tokens scored by the final and by the initial weights: mean |d log p| for both."""
+    from alp_agent.engine.base import SamplingConfig
+    from alp_agent.rollout.chat import ChatTemplate
+
+    chat = ChatTemplate(comps.tokenizer)
+    env = gym.make(ENV_ID)
+    prompts = [
+        chat.encode(chat.render(env.reset(options={"task_index": i})[0], add_generation_prompt=True)) for i in range(4)
+    ]
+    gens = comps.engine.generate(prompts, SamplingConfig(temperature=0.0, max_tokens=32))
+    engine_lp = torch.tensor([x for g in gens for x in g.logprobs])
+    final_d = float((_probe_logprobs(model, prompts, gens, device) - engine_lp).abs().mean())
+    model.load_state_dict(initial)
+    initial_d = float((_probe_logprobs(model, prompts, gens, device) - engine_lp).abs().mean())
+    return {"final_mean_abs_d": final_d, "initial_mean_abs_d": initial_d}
+
+
+def _judge(cfg, out: Path, hist: list[dict], t: dict[str, Any], result: dict[str, Any]) -> int:
+    """PASS/FAIL from the history, timings and parity; writes results.json and prints the summary lines."""
+    final_d, initial_d = result["parity"]["final_mean_abs_d"], result["parity"]["initial_mean_abs_d"]
     checks = {
         "all_batches_ran": len(hist) == cfg.run.iterations,
         "finite_loss_and_grad": all(
@@ -200,7 +208,6 @@ def _run(cfg, out: Path, model_dir: Path, size: str, plan: dict, device: torch.d
     result.update(
         timings=t,
         checks=checks,
-        parity={"final_mean_abs_d": final_d, "initial_mean_abs_d": initial_d},
         staleness=[h.get("staleness/max") for h in hist],
         kl_train_infer=[h.get("steps_mean/kl_train_infer/noisy/k3") for h in hist],
     )
