@@ -101,3 +101,15 @@ def test_interpreter_runs_from_its_base_prefix_without_the_venv():
         )
         assert r.stdout == f"(True, {sys.base_prefix!r}, False)\n", r
         assert s.run("import json, ssl, sqlite3, ctypes, decimal, zoneinfo\n'ok'").stdout == "'ok'\n"
+
+
+def test_only_the_listed_packages_are_importable():
+    with LocalSandbox(SandboxConfig(pool_size=1, packages=["sympy"])) as sb, sb.session() as s:
+        assert s.run("import sympy, mpmath\nsympy.factorint(360)").stdout == "{2: 3, 3: 2, 5: 1}\n"  # + dependency
+        r = s.run("import numpy")
+        assert r.status == ExecStatus.ERROR and "ModuleNotFoundError" in r.stderr
+
+
+def test_uninstalled_package_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="not installed.*no-such-dist-alp"):
+        LocalSandbox(SandboxConfig(pool_size=1, packages=["numpy", "no-such-dist-alp"]))
