@@ -13,6 +13,12 @@ if [ -z "${ALP_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
   ALP_DATA_DIR="$(cd ../shared/data && pwd)"
   export ALP_DATA_DIR
 fi
+# The episode viewer's test opens report.html in a headless Chromium (Debian's package; not part of the user setup):
+# installed here under CI or with ALP_BROWSER_TESTS=1 when missing; elsewhere that test skips with the reason.
+if { [ "${CI:-}" = true ] || [ "${ALP_BROWSER_TESTS:-}" = 1 ]; } && ! command -v chromium >/dev/null; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
 bash scripts/lint.sh
 . "${ALP_VENV:-.venv}/bin/activate"
 exec python -m pytest -q "$@"

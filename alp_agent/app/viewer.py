@@ -76,7 +76,9 @@ document.addEventListener('DOMContentLoaded', () => {
     });
     p.addEventListener('mouseleave', () => { tip.style.display = 'none'; });
   });
-  setMode('role');
+  const start = (location.hash.match(/mode=(role|clean|noisy)/) || [])[1] || 'role';  // e.g. report.html#mode=clean
+  document.querySelector(`input[name=mode][value=${start}]`).checked = true;
+  setMode(start);
   document.body.dataset.ready = '1';
 });
 """
