@@ -15,7 +15,8 @@ The jail's root is an empty tmpfs (remounted read-only); into it go, read-only a
   top-level entries (numpy/, numpy.libs/, numpy-*.dist-info/, ...) as listed in its RECORD, bound one by one under
   SITE_DIR, which is on PYTHONPATH. Entries side by side keep the wheels' relative rpaths ($ORIGIN/../numpy.libs)
   valid. The virtualenv itself (torch, vLLM, the project) is never bound.
-* /etc: ld.so.cache, localtime, and a minimal passwd/group written by us (root and nobody), not the host's.
+* /etc: ld.so.cache, localtime, and a minimal passwd/group written by us (root and nobody), not the host's; with
+  `SandboxConfig.network` also resolv.conf, hosts, nsswitch.conf and the CA certificates.
 * /dev (bwrap's minimal one), a fresh /proc of the jail's pid namespace, a private size-limited writable /tmp.
 * `SandboxConfig.extra_ro_paths`, at their host paths.
 
@@ -40,6 +41,8 @@ SITE_DIR = "/opt/alp-sandbox/site"  # where the tool packages appear inside the 
 SYSTEM_DIRS = ("/usr/bin", "/usr/lib", "/usr/lib64", "/usr/share/zoneinfo")
 TOP_LINKS = ("bin", "lib", "lib64")  # usrmerge links (/bin -> usr/bin); bound as directories where they are real
 ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")
+# Only with SandboxConfig.network: name resolution and the CA bundle (its entries link into ca-certificates).
+NETWORK_FILES = ("/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/ssl/certs", "/usr/share/ca-certificates")
 PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
 GROUP = "root:x:0:\nnogroup:x:65534:\n"
 
@@ -254,11 +257,11 @@ def _system(j: JailBuilder) -> None:
             j.ro_bind(p)
 
 
-def mounts(interp: Interpreter, etc_dir: str, tmp_size: int, extra_ro: list[str]) -> list[str]:
+def mounts(interp: Interpreter, etc_dir: str, tmp_size: int, extra_ro: list[str], network: bool = False) -> list[str]:
     """The bwrap filesystem arguments of the jail (see the module docstring for what is in it and why)."""
     j = JailBuilder()
     _system(j)
-    for f in ETC_FILES:
+    for f in ETC_FILES + (NETWORK_FILES if network else ()):
         if os.path.exists(f):
             j.ro_bind(f)
     j.ro_bind(os.path.join(etc_dir, "passwd"), "/etc/passwd")

@@ -170,7 +170,8 @@ class LocalSandbox(PooledSandbox):
             interp = jail.probe(self.python, tuple(config.packages))
             self.python = interp.executable
             self._etc_dir = jail.write_etc()
-            self._jail = jail.mounts(interp, self._etc_dir, config.tmp_size_mb * 1024 * 1024, config.extra_ro_paths)
+            tmp_size = config.tmp_size_mb * 1024 * 1024
+            self._jail = jail.mounts(interp, self._etc_dir, tmp_size, config.extra_ro_paths, config.network)
         if not self.use_cgroup:
             log.warning("LocalSandbox: no writable pids cgroup; process limits rely on RLIMIT_NPROC per-session uids")
         super().__init__(config)
