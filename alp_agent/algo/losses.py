@@ -61,6 +61,7 @@ class PGTerms:
     clip_upper: torch.Tensor  # (B, T) bool: the clipped branch was taken with rho > 1 + eps_high
     clip_lower: torch.Tensor  # (B, T) bool: ... with rho < 1 - eps_low
     clip_dual: torch.Tensor  # (B, T) bool: A < 0 and the dual clip -A c was taken
+    kept: torch.Tensor | None = None  # (B, T) bool: tokens a MIS band kept (None: no band, all kept)
 
 
 def ppo_clip(
@@ -112,24 +113,52 @@ def aggregate(
     raise ValueError(f"unknown loss_agg {mode!r}")
 
 
-# ---------------------------------------------------------------- baselines' corrections (TIS / MIS)
+# ---------------------------------------------------------------- baselines' rollout correction (TIS / MIS / GSPO)
 def is_log_weight(old: torch.Tensor, infer: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
-    """log(pi_old / mu) per token (token level) or per sequence broadcast to its tokens (sequence level)."""
+    """log w, w = pi_old / mu, per token (token level) or the sequence's sum broadcast to its tokens (sequence level),
+    clamped to [-20, 20] as the reference's rollout_is.py does before exp."""
     m = mask.to(old.dtype)
     d = (old - infer) * m
-    return d if level == "token" else d.sum(-1, keepdim=True).expand_as(d)
+    lw = d if level == "token" else d.sum(-1, keepdim=True).expand_as(d)
+    return lw.clamp(-20.0, 20.0)
 
 
 def tis_weight(old: torch.Tensor, infer: torch.Tensor, mask: torch.Tensor, level: str, c: float) -> torch.Tensor:
-    """TIS: min(pi_old / mu, C), detached (log clamped at 20 like the ratio, to stay finite)."""
-    return torch.exp(is_log_weight(old, infer, mask, level).clamp(max=20.0)).clamp(max=c).detach()
+    """TIS: min(w, C), detached."""
+    return torch.exp(is_log_weight(old, infer, mask, level)).clamp(max=c).detach()
+
+
+def in_band(old: torch.Tensor, infer: torch.Tensor, mask: torch.Tensor, level: str, upper: float, lower: float):
+    """1[lower <= w <= upper] per token (bool), on model tokens only."""
+    w = torch.exp(is_log_weight(old, infer, mask, level))
+    return mask.bool() & (w >= lower) & (w <= upper)
+
+
+def mis_weight(
+    old: torch.Tensor, infer: torch.Tensor, mask: torch.Tensor, level: str, upper: float, lower: float = 0.0
+) -> torch.Tensor:
+    """MIS as the reference's mask mode computes it: w 1[lower <= w <= upper], detached (the weight is kept)."""
+    w = torch.exp(is_log_weight(old, infer, mask, level))
+    return (w * in_band(old, infer, mask, level, upper, lower).to(w.dtype)).detach()
 
 
 def mis_mask(old: torch.Tensor, infer: torch.Tensor, mask: torch.Tensor, level: str, c: float) -> torch.Tensor:
-    """MIS: keep tokens (or whole sequences) whose pi_old / mu lies in [1/C, C]; returns the new loss mask."""
-    lw = is_log_weight(old, infer, mask, level)
-    keep = (lw >= -torch.log(torch.tensor(c))) & (lw <= torch.log(torch.tensor(c)))
-    return mask.bool() & keep
+    """The reject-only variant (is_mode 'reject'): keep tokens (or whole sequences) whose w lies in [1/C, C]; returns
+    the new loss mask. Not the reference's MIS (which keeps the weight, see `mis_weight`)."""
+    return in_band(old, infer, mask, level, c, 1.0 / c)
+
+
+def rollout_correction(cfg: AlgoConfig, old: torch.Tensor, infer: torch.Tensor, mask: torch.Tensor):
+    """(detached per-token weight or None, loss mask, kept-token mask or None) of `cfg.is_correction`."""
+    mode, level, hi, lo = cfg.is_correction, cfg.is_granularity, cfg.is_upper, cfg.is_lower
+    if mode == "truncate":
+        return tis_weight(old, infer, mask, level, hi), mask, None
+    if mode == "mask":
+        return mis_weight(old, infer, mask, level, hi, lo), mask, in_band(old, infer, mask, level, hi, lo)
+    if mode == "reject":
+        keep = in_band(old, infer, mask, level, hi, lo)
+        return None, keep.to(mask.dtype), keep
+    return None, mask, None
 
 
 # ---------------------------------------------------------------- regularisers (all off by default)
@@ -156,24 +185,26 @@ class LossBatch:
 
 
 def policy_loss(cfg: AlgoConfig, batch: LossBatch) -> tuple[PGTerms, torch.Tensor]:
-    """Per-token PG terms of `cfg.name` and the (possibly reduced, MIS) loss mask.
+    """Per-token PG terms of `cfg.name` and the loss mask (reduced only by is_mode 'reject').
 
     alp / bypass: rho vs infer (alp's logp comes from the perturbed forward; that is the only difference).
-    grpo / gspo:  rho vs old (gspo: level geo_sequence and the tiny clip range, set by the config).
-    tis:          rho vs old, loss x min(pi_old/mu, C).
-    mis:          rho vs old, tokens/sequences with pi_old/mu outside [1/C, C] dropped from the mask.
+    grpo:         rho vs old.
+    tis:          rho vs old, loss x min(w, C), w = pi_old/mu.
+    mis:          rho vs old, loss x w 1[lower <= w <= C] (reference mask mode; 'reject' drops without weighting).
+    gspo:         geometric-mean sequence rho vs old, tiny clip, dual clip 100, loss x w 1[w <= 5] (sequence w).
+    The weight multiplies the clipped (and dual-clipped) loss, as in the reference's core_algos.py.
     """
     name, b = cfg.name, batch
     adv = b.adv.expand_as(b.logp) if b.adv.shape != b.logp.shape else b.adv
-    mask, old = b.mask, b.old
+    mask, w, kept = b.mask, None, None
     if name in ("alp", "bypass"):
         base = b.infer
     else:
-        if old is None:
+        if b.old is None:
             raise ValueError(f"algorithm {name!r} needs old logprobs recomputed by the trainer")
-        base = old
-    if name == "mis":
-        mask = mis_mask(old, b.infer, mask, cfg.is_level, cfg.is_threshold)
-    w = tis_weight(old, b.infer, mask, cfg.is_level, cfg.is_threshold) if name == "tis" else None
+        base = b.old
+        w, mask, kept = rollout_correction(cfg, base, b.infer, mask)
     lr = log_ratio(b.logp, base, mask, cfg.level, cfg.log_ratio_clamp)
-    return ppo_clip(lr, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip, w), mask
+    terms = ppo_clip(lr, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip_c, w)
+    terms.kept = kept
+    return terms, mask

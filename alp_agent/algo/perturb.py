@@ -126,8 +126,8 @@ def select_layers(spec: str, n: int) -> list[int]:
         a, b = {"early": (0, n // 3), "middle": (n // 3, 2 * n // 3), "late": (2 * n // 3, n)}[s]
         idx = list(range(a, b))
     elif ":" in s:
-        a, b = s.split(":")
-        idx = list(range(n))[slice(int(a) if a else None, int(b) if b else None)]
+        lo, hi = s.split(":")
+        idx = list(range(n))[slice(int(lo) if lo else None, int(hi) if hi else None)]
     else:
         idx = sorted({int(x) for x in s.split(",") if x.strip()})
     if not idx or any(i < 0 or i >= n for i in idx):
@@ -159,7 +159,8 @@ class LayerPerturbation(nn.Module):
             self.layer_ids = select_layers(layers, len(stack))
             modules = [stack[i] for i in self.layer_ids]
         elif target == "logits":
-            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            get_head = getattr(model, "get_output_embeddings", None)  # HF models have it; nn.Module does not
+            head = get_head() if callable(get_head) else None
             if head is None:
                 raise ValueError("logits-only perturbation needs a model with get_output_embeddings()")
             self.layer_ids = [len(stack)]  # seed slot after the last layer
@@ -236,11 +237,12 @@ class LayerPerturbation(nn.Module):
     def learnable(self) -> bool:
         return isinstance(self.log_sigma, nn.Parameter)
 
-    def optimizer_group(self, lr: float) -> dict | None:
-        """The s_l's own AdamW parameter group (docs/method.md: own learning rate; no weight decay), None when fixed."""
+    def optimizer_group(self, lr: float, weight_decay: float = 0.0) -> dict | None:
+        """The s_l's own AdamW parameter group (docs/method.md: own learning rate; weight decay as the reference's
+        group, perturb.sigma_weight_decay), None when fixed."""
         if not self.learnable:
             return None
-        return {"params": [self.log_sigma], "lr": lr, "weight_decay": 0.0, "name": "log_sigma"}
+        return {"params": [self.log_sigma], "lr": lr, "weight_decay": weight_decay, "name": "log_sigma"}
 
     def penalty_backward(self, alpha: float, beta: float) -> float | None:
         """Backpropagate the optional alpha*sigma^2 - beta*log sigma^2 penalty; its value, or None when off."""
@@ -251,7 +253,7 @@ class LayerPerturbation(nn.Module):
             pen.backward()
         return float(pen.detach())
 
-    def average_grad(self, all_reduce_avg: Callable[[torch.Tensor], None]) -> None:
+    def average_grad(self, all_reduce_avg: Callable[[torch.Tensor], object]) -> None:
         """Under torchrun: the s_l live outside the wrapped model, so DDP/FSDP2 do not reduce their gradient; average
         it over ranks (as DDP does for parameters) so every rank takes the same step and they stay replicated."""
         if not self.learnable:
@@ -261,9 +263,8 @@ class LayerPerturbation(nn.Module):
         all_reduce_avg(self.log_sigma.grad)
 
     def clip_grad(self, max_norm: float) -> tuple[float, torch.Tensor | None]:
-        """Clip the s_l gradient on its own; returns (pre-clip norm, a copy of the pre-clip gradient or None).
-        Choice: clipped apart from the policy, so a large sigma gradient cannot shrink the policy step through a
-        shared global norm."""
+        """Clip the s_l gradient on its own (perturb.sigma_clip 'separate'); returns (pre-clip norm, a copy of the
+        pre-clip gradient or None). max_norm = inf only measures."""
         if not self.learnable or self.log_sigma.grad is None:
             return 0.0, None
         grad = self.log_sigma.grad.detach().clone()
@@ -294,5 +295,5 @@ def build_perturbation(model: nn.Module, cfg: AlgoConfig, rank: int = 0) -> Laye
     if not cfg.noise_on:
         return None
     p = cfg.perturb
-    sigma0 = (p.logits_sigma0 or p.sigma0) if p.target == "logits" else p.sigma0
-    return LayerPerturbation(model, p.layers, sigma0, p.learnable, p.target, p.scale_aware, p.seed, rank)
+    sigma0 = (p.logits_sigma0 or p.sigma0_init) if p.target == "logits" else p.sigma0_init
+    return LayerPerturbation(model, p.layers, sigma0, p.learnable, p.target, p.scale_aware_on, p.seed, rank)

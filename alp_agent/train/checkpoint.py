@@ -32,7 +32,7 @@ from alp_agent.train.ranks import Command
 try:  # numpy is optional for us, but present with vllm/transformers
     import numpy as np
 except ImportError:  # pragma: no cover
-    np = None
+    np = None  # type: ignore[assignment]
 
 
 def _rng_state() -> dict:

@@ -15,21 +15,25 @@ import torch
 
 from alp_agent.algo.losses import PGTerms, sequence_log_ratio
 from alp_agent.train import distributed as D
-from alp_agent.train.batching import MicroBatch
-from alp_agent.train.metrics import kl_stats, summarize
+from alp_agent.train.batching import MicroBatch, Row
+from alp_agent.train.metrics import divergence_stats, summarize
+from alp_agent.train.tail import tail_metrics
 
-TOKEN_KEYS = ("log_ratio", "d_infer", "clean", "noisy", "inf", "entropy", "ent_train")
-SEQ_KEYS = ("log_ratio", "d_infer")
+TOKEN_KEYS = ("log_ratio", "d_infer", "clean", "noisy", "inf", "entropy", "ent_train", "tags", "noise_kl")
+SEQ_KEYS = ("log_ratio", "d_infer", "clean_d_infer")
 
 
 def ratio_metrics(raw: dict[str, torch.Tensor], base_name: str, clamp: float) -> dict[str, float]:
     """Token and sequence ratio summaries against the loss's base (`infer` or `old`) and, for the baselines whose base
-    is `old`, against the engine's mu too, so every algorithm is compared on the same ratio."""
+    is `old`, against the engine's mu too, so every algorithm is compared on the same ratio. With `tags` in `raw`
+    (the batch summary), also the tail panel of the ratio against mu per turn and after observations (train.tail)."""
     m = summarize(raw["log_ratio"].exp(), f"ratio_token_vs_{base_name}")
     m.update(summarize(raw["seq_log_ratio"].exp(), f"ratio_seq_vs_{base_name}"))
     if base_name == "old":
         m.update(summarize(raw["d_infer"].clamp(-clamp, clamp).exp(), "ratio_token_vs_infer"))
         m.update(summarize(raw["seq_d_infer"].exp(), "ratio_seq_vs_infer"))
+    if "tags" in raw and raw["tags"].numel() == raw["d_infer"].numel():
+        m.update(tail_metrics(raw["d_infer"].clamp(-clamp, clamp), raw["tags"]))
     return m
 
 
@@ -42,11 +46,17 @@ class StepStats:
         self.seq: dict[str, list[torch.Tensor]] = {k: [] for k in SEQ_KEYS}
         self.counts: Counter = Counter()
         self.loss_total = 0.0
+        self._clean_bt: torch.Tensor | None = None  # the last add_clean's (B, T) logprobs, for its sequence sums
 
     def add_clean(self, logp: torch.Tensor, entropy: torch.Tensor, valid: torch.Tensor) -> None:
-        """Clean (no-noise) logprobs and entropy of a micro-batch's model tokens."""
+        """Clean (no-noise) logprobs and entropy of a micro-batch's model tokens (before `add` of the same one)."""
+        self._clean_bt = logp.detach().float()
         self.tok["clean"].append(logp.detach()[valid].float().cpu())
         self.tok["entropy"].append(entropy.detach()[valid].float().cpu())
+
+    def add_noise_kl(self, kl: torch.Tensor) -> None:
+        """Exact per-position KL(clean || perturbed) of model-token positions (alp_agent.train.noise_kl)."""
+        self.tok["noise_kl"].append(kl.detach().double().cpu())
 
     @torch.no_grad()
     def add(
@@ -62,6 +72,8 @@ class StepStats:
         c, valid = self.clamp, mb.mask > 0
         lpd = logp.detach().float()
         base = mb.infer if self.base_name == "infer" else mb.old
+        if base is None:
+            raise ValueError("ratio statistics against 'old' need the micro-batch's old logprobs")
         self.loss_total += loss
         self.tok["log_ratio"].append((lpd - base)[valid].clamp(-c, c).cpu())
         self.tok["d_infer"].append((lpd - mb.infer)[valid].cpu())
@@ -73,12 +85,18 @@ class StepStats:
             sequence_log_ratio(lpd, base, mb.mask, geometric=self.geometric).clamp(-c, c).cpu()
         )
         self.seq["d_infer"].append(sequence_log_ratio(lpd, mb.infer, mb.mask).clamp(-c, c).cpu())
+        if self._clean_bt is not None:
+            self.seq["clean_d_infer"].append(sequence_log_ratio(self._clean_bt, mb.infer, mb.mask).clamp(-c, c).cpu())
+            self._clean_bt = None
+        tags = mb.tags if mb.tags is not None else torch.full(mb.mask.shape, -1, dtype=torch.long)
+        self.tok["tags"].append(tags[valid.cpu()])
         n = self.counts
         n["tokens"] += int(valid.sum())
         n["clip_upper"] += int((terms.clip_upper & valid).sum())
         n["clip_lower"] += int((terms.clip_lower & valid).sum())
         n["clip_dual"] += int((terms.clip_dual & valid).sum())
-        n["kept"] += int((mask.bool() & valid).sum())
+        kept = terms.kept if terms.kept is not None else mask.bool()
+        n["kept"] += int((kept & valid).sum())
         n["micro_batches"] += 1
         n["padded_tokens"] += mb.ids.numel()
         n["real_tokens"] += int(mb.attn.sum())
@@ -106,11 +124,13 @@ class StepStats:
             "d_infer": cat["d_infer"],
             "seq_log_ratio": seq["log_ratio"],
             "seq_d_infer": seq["d_infer"],
+            "tags": cat["tags"],
         }
 
     def metrics(self, did_clean: bool) -> dict[str, float]:
-        """Loss, clip/mask fractions, padding, ratio summaries, train-inference KL (noisy and clean) and entropy."""
-        cat, _ = self.tensors()
+        """Loss, clip/mask fractions, padding, ratio summaries, train-inference divergences (noisy and clean), the
+        noise's exact KL and entropy. Divergences: KL(mu || pi) by k1/k3, chi2, ESS (alp_agent.train.metrics)."""
+        cat, seq = self.tensors()
         c = self.counts
         n = max(c["tokens"], 1)
         m = {
@@ -124,13 +144,37 @@ class StepStats:
             "padding_frac": 1.0 - c["real_tokens"] / max(c["padded_tokens"], 1),
             "micro_batches": float(c["micro_batches"]),
         }
-        m.update(ratio_metrics(self.raw(), self.base_name, self.clamp))
-        # train-inference KL with the noise the loss saw (== clean when noise is off) and, if measured, without it
-        m.update(kl_stats(cat["noisy"], cat["inf"], "kl_train_infer/noisy"))
+        raw = self.raw()
+        raw.pop("tags")  # the tail panel is a batch-level summary
+        m.update(ratio_metrics(raw, self.base_name, self.clamp))
+        # train-inference divergence with the noise the loss saw (== clean when noise is off) and, if measured,
+        # without it; tokens were sampled from mu, so these estimate KL(mu || pi)
+        m.update(divergence_stats(cat["noisy"], cat["inf"], "kl_train_infer/noisy", seq["d_infer"]))
+        if cat["noise_kl"].numel():  # what the perturbation does by itself, exactly (not from samples)
+            m.update(
+                {"kl_noise/exact": float(cat["noise_kl"].mean()), "kl_noise/exact_max": float(cat["noise_kl"].max())}
+            )
         if did_clean:
-            m.update(kl_stats(cat["clean"], cat["inf"], "kl_train_infer/clean"))
-            m.update(kl_stats(cat["noisy"], cat["clean"], "kl_noise"))  # what the perturbation does by itself
+            clean_seq = seq["clean_d_infer"] if seq["clean_d_infer"].numel() else seq["d_infer"]
+            m.update(divergence_stats(cat["clean"], cat["inf"], "kl_train_infer/clean", clean_seq))
             m["entropy"] = float(cat["entropy"].mean()) if cat["entropy"].numel() else 0.0
         elif cat["ent_train"].numel():
             m["entropy"] = float(cat["ent_train"].mean())
         return m
+
+
+def old_infer_metrics(rows: list[Row]) -> dict[str, float]:
+    """The pure mismatch at theta_old (GRPO family, which recomputes pi_old): divergence of pi_old from mu on mu's
+    samples, kl_old_infer/{k1,k3,chi2,ess_token,ess_seq}."""
+    olds, infs, seqs = [], [], []
+    for r in rows:
+        if r.old is None:
+            continue
+        m = torch.tensor(r.mask) > 0
+        o, i = r.old[m].double(), torch.tensor(r.infer, dtype=torch.float64)[m]
+        olds.append(o)
+        infs.append(i)
+        seqs.append((o - i).sum().reshape(1))
+    if not olds:
+        return {}
+    return divergence_stats(torch.cat(olds), torch.cat(infs), "kl_old_infer", torch.cat(seqs))

@@ -29,7 +29,7 @@ import contextlib
 import copy
 import math
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ from alp_agent.algo.advantages import group_advantages
 from alp_agent.algo.config import TrainerConfig
 from alp_agent.algo.losses import LossBatch, aggregate, kl_penalty, policy_loss
 from alp_agent.algo.perturb import build_perturbation
+from alp_agent.algo.void_turns import void_filter
 from alp_agent.rollout.trajectory import Trajectory
 from alp_agent.train import distributed as D
 from alp_agent.train import ranks
@@ -51,15 +52,19 @@ from alp_agent.train.batching import (
     rows_from,
     split_rows,
 )
-from alp_agent.train.logprobs import sequence_logprobs
-from alp_agent.train.metrics import episode_metrics, kl_stats, mean_over
+from alp_agent.train.calibrate import maybe_calibrate
+from alp_agent.train.gradients import prepare_gradients
+from alp_agent.train.hardware import resolve_compute_dtype
+from alp_agent.train.logprobs import chunk_tokens_for, microbatch_logprobs
+from alp_agent.train.metrics import episode_metrics, mean_over
+from alp_agent.train.noise_kl import record_noise_kl
 from alp_agent.train.ranks import Command
-from alp_agent.train.step_stats import StepStats, ratio_metrics
+from alp_agent.train.step_stats import StepStats, old_infer_metrics, ratio_metrics
 from alp_agent.train.trainer_state import TrainerState
 
 # step metrics averaged into the batch record as steps_mean/<key>
-_STEP_MEAN_KEYS = ("loss/", "grad_norm", "clip_frac/", "kl_train_infer/", "kl_noise/", "entropy", "mask/")
-_STEP_MEAN_KEYS += ("padding_frac", "sigma")
+_STEP_MEAN_KEYS: tuple[str, ...] = ("loss/", "grad_norm", "clip_frac/", "kl_train_infer/", "kl_noise/", "entropy")
+_STEP_MEAN_KEYS += ("mask/", "padding_frac", "sigma")
 
 
 class Trainer(TrainerState):
@@ -81,6 +86,8 @@ class Trainer(TrainerState):
         self.model = model
         self.device = next(model.parameters()).device
         self.writer = writer
+        dt, self.dtype_reason = resolve_compute_dtype(self.cfg.update.dtype, self.device.type)
+        self.cfg = self.cfg.model_copy(update={"update": self.cfg.update.model_copy(update={"dtype": dt})})
         a, u = self.cfg.algo, self.cfg.update
         if next(model.parameters()).dtype != torch.float32:
             raise ValueError("Trainer expects float32 master weights; use update.dtype='bfloat16' for bf16 compute")
@@ -90,6 +97,7 @@ class Trainer(TrainerState):
                 f"{D.world_size()} ranks are running but trainer.dist.strategy is 'none': set it to 'ddp' or 'fsdp2'"
             )
         self.sharded = self.distributed and self.cfg.dist.strategy == "fsdp2"
+        self.chunk_tokens = chunk_tokens_for(u.logprob_chunk_tokens, self.sharded, a)
         self.perturbation = build_perturbation(model, a, rank=D.rank())
         if self.perturbation is not None:
             self.perturbation.to(self.device)
@@ -101,7 +109,7 @@ class Trainer(TrainerState):
         if u.activation_checkpointing:
             # non-reentrant: recompute happens inside backward, which we call inside perturbation.active(), so the
             # hook regenerates the same eps from the same (step, micro, layer) seed.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            cast(Any, model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Wrap after the hooks, the reference copy and checkpointing are in place, before the optimizer sees the
         # parameters (FSDP2 replaces them by DTensor shards). The reference is sharded too under FSDP2 (memory).
         self.forward_model = D.wrap_policy(model, self.cfg.dist)
@@ -126,7 +134,8 @@ class Trainer(TrainerState):
                 "name": "policy",
             }
         ]
-        sigma_group = self.perturbation.optimizer_group(self.cfg.algo.perturb.sigma_lr) if self.perturbation else None
+        pc, p = self.cfg.algo.perturb, self.perturbation
+        sigma_group = p.optimizer_group(pc.sigma_lr, pc.sigma_wd(o.weight_decay)) if p is not None else None
         if sigma_group is not None:
             groups.append(sigma_group)
         self.optimizer = torch.optim.AdamW(groups, betas=o.betas, eps=o.adam_eps)
@@ -148,7 +157,7 @@ class Trainer(TrainerState):
         model.eval()  # eval mode also gates the perturbation hooks off
         try:
             with self._autocast():
-                return sequence_logprobs(model, mb.ids, mb.attn, mb.temperature, with_entropy, start=mb.start)
+                return microbatch_logprobs(model, mb, with_entropy, chunk_tokens=self.chunk_tokens)
         finally:
             model.train(was_training)
 
@@ -162,7 +171,7 @@ class Trainer(TrainerState):
         done: list[tuple[int, torch.Tensor]] = []
         index = {id(r): i for i, r in enumerate(rows)}
         for mb_rows, real in self._micro_schedule(mine, rows[0]):
-            mb = collate(mb_rows, self.device)
+            mb = collate(mb_rows, self.device, self.cfg.update.pack)
             lp, _ = self._clean_logprobs(mb, model)
             if real:
                 done += [(index[id(r)], lp[i, : len(r.ids)].float().cpu()) for i, r in enumerate(mb_rows)]
@@ -175,7 +184,11 @@ class Trainer(TrainerState):
         count over ranks: FSDP2 gathers weights in every forward and DDP reduces in the last backward, so all ranks
         must run the same number of forwards/backwards, even a rank that got no rows at all."""
         u = self.cfg.update
-        mbs = [(m, True) for m in micro_batches(mine, u.micro_batch_tokens, u.max_micro_batch_size)] if mine else []
+        mbs = (
+            [(m, True) for m in micro_batches(mine, u.micro_batch_tokens, u.max_micro_batch_size, u.pack)]
+            if mine
+            else []
+        )
         if self.distributed:
             n = D.all_reduce_int(len(mbs), "max")
             mbs += [([filler(spare)], False)] * (n - len(mbs))
@@ -186,9 +199,9 @@ class Trainer(TrainerState):
         DDP no_sync() around the others, FSDP2 set_requires_gradient_sync(False) for them."""
         sync = last or not self.cfg.dist.sync_last_micro_only
         if self.sharded:
-            self.model.set_requires_gradient_sync(sync)
+            cast(Any, self.model).set_requires_gradient_sync(sync)  # an FSDPModule
         elif self.distributed and not sync:
-            return self.forward_model.no_sync()
+            return cast(Any, self.forward_model).no_sync()  # DistributedDataParallel
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ one optimizer step
@@ -199,8 +212,10 @@ class Trainer(TrainerState):
         # Choice: MIS-dropped tokens stay in the normaliser (they contribute 0), so masking shrinks the step.
         loss = aggregate(terms.loss, mask, a.loss_agg, denom)
         if a.kl_coef > 0:
+            assert mb.ref is not None, "kl_coef > 0: reference logprobs are filled before the first step"
             loss = loss + a.kl_coef * aggregate(kl_penalty(logp, mb.ref, a.kl_type), mb.mask, a.loss_agg, denom)
         if a.entropy_coef > 0:
+            assert ent is not None, "entropy_coef > 0: the forward computes the entropy"
             loss = loss - a.entropy_coef * aggregate(ent, mb.mask, a.loss_agg, denom)
         return loss, terms, mask
 
@@ -216,45 +231,29 @@ class Trainer(TrainerState):
             clean_lp, clean_ent = self._clean_logprobs(mb, with_entropy=True)
             if stats is not None:
                 stats.add_clean(clean_lp, clean_ent, valid)
+            if j == 0:  # the noise's exact KL(clean || perturbed), on a few rows
+                record_noise_kl(self, mb.padded(), j, stats)
         with self._noise(j), self._grad_sync(last):
             with self._autocast():
-                logp, ent = sequence_logprobs(
-                    self.forward_model,
-                    mb.ids,
-                    mb.attn,
-                    mb.temperature,
-                    with_entropy=a.entropy_coef > 0 or clean_from_train,
-                    start=mb.start,
-                    entropy_grad=a.entropy_coef > 0,
-                )
+                want_ent = a.entropy_coef > 0 or clean_from_train
+                logp, ent = microbatch_logprobs(self.forward_model, mb, want_ent, a.entropy_coef > 0, self.chunk_tokens)
             loss, terms, mask = self._loss(mb, logp, ent, denom)
             # backward inside the noise context: activation-checkpoint recompute re-enters the hooks. Under torchrun
             # DDP and FSDP2 average gradients over ranks; each rank's loss is its share of the global sum.
             (loss * D.world_size() if self.distributed else loss).backward()
         if stats is not None:
             if clean_from_train:
+                assert ent is not None, "clean_from_train: the forward computes the entropy"
                 stats.add_clean(logp, ent, valid)
             stats.add(mb, logp, ent, terms, mask, float(loss.detach()))
 
     def _apply_gradients(self) -> dict[str, Any]:
         """Sigma penalty, rank averaging of the s_l gradient, clipping, and the AdamW step unless a norm is not finite
         (then the step is skipped and counted)."""
-        p, m = self.perturbation, {}
-        if p is not None:
-            pen = p.penalty_backward(
-                self.cfg.algo.perturb.sigma_penalty_alpha, self.cfg.algo.perturb.sigma_penalty_beta
-            )
-            if pen is not None:
-                m["loss/sigma_penalty"] = pen
-            if self.distributed:
-                p.average_grad(lambda g: D.all_reduce_(g, "avg"))
-        policy_params = self.optimizer.param_groups[0]["params"]
-        clip = self.cfg.optim.grad_clip
-        if self.distributed:
-            gn = D.clip_grad_norm(policy_params, clip)
-        else:
-            gn = float(torch.nn.utils.clip_grad_norm_(policy_params, clip))
-        sgn, sig_grad = p.clip_grad(clip) if p is not None else (0.0, None)
+        p = self.perturbation
+        gn, sgn, sig_grad, m = prepare_gradients(
+            self.optimizer.param_groups[0]["params"], p, self.cfg, self.distributed
+        )
         skipped = not (math.isfinite(gn) and math.isfinite(sgn))
         if skipped:
             self.skipped_steps += 1
@@ -283,7 +282,7 @@ class Trainer(TrainerState):
         t0 = time.perf_counter()
         schedule = self._micro_schedule(split_rows(rows, D.world_size(), D.rank()), rows[0])
         for j, (mb_rows, real) in enumerate(schedule):
-            mb = collate(mb_rows, self.device)
+            mb = collate(mb_rows, self.device, u.pack)
             self._micro_step(mb, j, j == len(schedule) - 1, denom, stats if real else None, do_clean)
         t_fwd_bwd = time.perf_counter() - t0
         m = self._apply_gradients()
@@ -321,17 +320,18 @@ class Trainer(TrainerState):
         adv, bm = group_advantages(
             [t.reward for t in usable], [t.group_id for t in usable], a.advantage, a.adv_std_norm
         )
-        rows = rows_from(usable, adv)
+        rows = void_filter(usable, rows_from(usable, adv), a.mask_void_turns, bm)  # after the advantages
+        if not rows:
+            return bm
+        bm.update(maybe_calibrate(self, rows))  # sigma0 'auto': first batch only
         t0 = time.perf_counter()
         if a.uses_old_logprobs:
             self._fill_clean(rows, "old", self.model)
         if a.kl_coef > 0:
+            assert self.ref_model is not None, "kl_coef > 0: the reference model is built in __init__"
             self._fill_clean(rows, "ref", self.ref_model)
         bm["time/old_ref_logprobs"] = time.perf_counter() - t0
-        if a.uses_old_logprobs:
-            old = torch.cat([r.old[torch.tensor(r.mask) > 0] for r in rows])
-            inf = torch.cat([torch.tensor(r.infer)[torch.tensor(r.mask) > 0] for r in rows])
-            bm.update(kl_stats(old, inf, "kl_old_infer"))  # the pure mismatch at theta_old
+        bm.update(old_infer_metrics(rows))  # the pure mismatch at theta_old (GRPO family)
         chunks = minibatch_chunks(len(rows), u.updates_per_batch, self.shuffle_gen if u.shuffle else None)
         t0 = time.perf_counter()
         step_ms, raws = [], []
@@ -366,7 +366,8 @@ class Trainer(TrainerState):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             ranks.announce(Command.POLICY_STATE_DICT)
-            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return cast(dict[str, torch.Tensor], full)
         sd = {k: v.detach() for k, v in self.model.state_dict().items()}
         assert not any("log_sigma" in k for k in sd), "log-sigmas leaked into the model state dict"
         return sd
