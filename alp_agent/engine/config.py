@@ -18,6 +18,13 @@ class EngineConfig(BaseModel):
         description="Inference dtype. bfloat16 against the float32 trainer is the paper's mismatch setting; float32 "
         "makes vLLM and the trainer agree to ~1e-5 (parity tests).",
     )
+    weight_quantization: Literal["none", "int8", "fp8"] = Field(
+        "none",
+        description="Quantized-rollout regime (engine/quantize.py): the engine samples with the decoder layers' "
+        "linear weights quantize-dequantized per output channel (int8 symmetric, or fp8 e4m3 scaled to its range), "
+        "at start-up and on every weight sync; embeddings, LM head and norms unchanged; the trainer keeps full "
+        "precision. Weight-only (activations stay in `dtype`), not W8A8. vLLM engines only.",
+    )
     max_model_len: int = Field(4096, gt=0, description="Context length (prompt + all turns) the engine accepts.")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="CUDA only: fraction of GPU memory for vLLM.")
     cpu_kvcache_space_gib: int = Field(

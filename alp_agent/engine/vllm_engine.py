@@ -23,13 +23,14 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
 from alp_agent.engine.base import FutureEngine, Generation, SamplingConfig
 from alp_agent.engine.checks import check_logprobs
 from alp_agent.engine.config import EngineConfig
+from alp_agent.engine.quantize import checkpoint_items, quantize_items
 from alp_agent.models import resolve_model
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ class VLLMEngine(FutureEngine):
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="vllm-stepper", daemon=True)
         self._thread.start()
+        if config.weight_quantization != "none":  # vLLM loaded the checkpoint as is: quantize the start too
+            self._reload(quantize_items(checkpoint_items(self.model_path), config.weight_quantization))
 
     # --- request path -------------------------------------------------------------------------------------------
     def _params(self, s: SamplingConfig):
@@ -209,11 +212,15 @@ class VLLMEngine(FutureEngine):
         Runs between requests (never mid-request) and resets the prefix cache, whose KV was computed by the old
         weights.
         """
+        self._reload(quantize_items(state_dict.items(), self.config.weight_quantization))
+
+    def _reload(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load (name, tensor) pairs in the stepping thread; quantization (if any) is applied by the caller."""
         # Cast floating weights to the engine's dtype here: vLLM would cast too, but warns once per tensor per sync.
         target = self.weight_dtype
         items = [
             (k, v.detach().to(target) if target is not None and v.is_floating_point() else v.detach())
-            for k, v in state_dict.items()
+            for k, v in weights
         ]
 
         def load() -> None:
