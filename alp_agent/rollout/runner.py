@@ -33,7 +33,7 @@ from alp_agent.rollout.trajectory import Trajectory
 from alp_agent.rollout.transcript import Transcript
 
 if TYPE_CHECKING:
-    from envs.protocol import StepResult
+    from envs.protocol import ChatEnv, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,12 @@ class RolloutRunner:
     episodes and runs (`close()` closes them). After each run, `last_metrics` holds the rollout metrics.
     """
 
-    def __init__(self, engine: Engine, tokenizer, env_fn: Callable[[], Any], config: RolloutConfig | None = None):
+    def __init__(self, engine: Engine, tokenizer, env_fn: Callable[[], ChatEnv], config: RolloutConfig | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.env_fn = env_fn
         self.config = config or RolloutConfig()
-        self._envs: list[Any] = []
+        self._envs: list[ChatEnv] = []
         self._chats: dict[str, ChatTemplate] = {}
         self._free: asyncio.Queue | None = None
         self.last_metrics: dict[str, float] = {}
@@ -114,14 +114,14 @@ class RolloutRunner:
             return env
         return await self._free.get()
 
-    async def _step(self, env: Any, text: str) -> StepResult:
+    async def _step(self, env: ChatEnv, text: str) -> StepResult:
         base = env.unwrapped if hasattr(env, "unwrapped") else env
         astep = getattr(env, "astep", None) or getattr(base, "astep", None)
         if astep is not None and inspect.iscoroutinefunction(astep):
             return await astep(text)
         return await asyncio.to_thread(env.step, text)
 
-    async def _episode(self, env: Any, task: int, group: int, sample: int, seed: int, version: int) -> Trajectory:
+    async def _episode(self, env: ChatEnv, task: int, group: int, sample: int, seed: int, version: int) -> Trajectory:
         """One episode: model turn, env step, observation delta, until the env or a limit ends it."""
         st = _EpisodeState(task, group, sample, seed, version)
         tr, stop, reset_info = await self._start(env, st)
@@ -137,7 +137,7 @@ class RolloutRunner:
             self._after_step(tr, st, await self._step(env, content), cut)
         return self._trajectory(tr, st, reset_info)
 
-    async def _start(self, env: Any, st: _EpisodeState) -> tuple[Transcript, tuple[str, ...], dict]:
+    async def _start(self, env: ChatEnv, st: _EpisodeState) -> tuple[Transcript, tuple[str, ...], dict]:
         """Reset the env on the task; the transcript starts from its messages (with the tools shown, see config)."""
         base = env.unwrapped if hasattr(env, "unwrapped") else env
         messages, reset_info = await asyncio.to_thread(env.reset, seed=st.seed, options={"task_index": st.task})
