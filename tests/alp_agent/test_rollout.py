@@ -245,3 +245,29 @@ def test_token_roles_and_void_turns(tiny_tokenizer):
     _, runner = _runner(tiny_tokenizer, [long_turn], max_tokens_per_turn=10, on_turn_limit="continue", max_turns=2)
     (t,) = runner.run([0])
     assert (t.num_turns, t.num_void_turns) == (2, 2) and runner.last_metrics["rollout/void_turns"] == 2
+
+
+def test_old_trajectory_dicts_still_load(tiny_tokenizer):
+    """Trajectories written before num_void_turns / token_roles existed load with the defaults."""
+    from alp_agent.rollout.trajectory import Trajectory
+
+    (t,) = _runner(tiny_tokenizer, [TOOL_TURN, ANSWER_TURN])[1].run([0])
+    old = {k: v for k, v in t.to_dict().items() if k not in ("num_void_turns", "token_roles")}
+    back = Trajectory.from_dict(old)
+    assert back.token_roles == "" and back.num_void_turns == 0 and back.completion_ids == t.completion_ids
+    assert Trajectory.from_dict(t.to_dict()) == t
+
+
+def test_a_template_that_cannot_render_an_observation_ends_the_episode_cleanly(tiny_tokenizer):
+    """A template that rejects the tool role: a defined finish reason with the template's message, no crash."""
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool role') }}{% endif %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    (t,) = _runner(tok, [TOOL_TURN, ANSWER_TURN])[1].run([0])
+    assert (t.finish_reason, t.truncated, t.num_turns) == ("template_error", True, 1)
+    assert "no tool role" in t.info["template_error"] and t.loss_mask[-1] == 1

@@ -84,11 +84,15 @@ def test_user_env_in_a_few_lines(sandbox):
         {"id": "call_1_0", "type": "function", "function": {"name": "convert", "arguments": {"value": 3}}}
     ]
     assert env.unwrapped.tool_format == "json" and not env.unwrapped.tools_in_prompt
+    from envs.protocol import StepInfo
+
+    end_only = {"end_reason", "correct"}  # set when the episode ends
+    assert set(info) == set(StepInfo.__annotations__) - end_only  # the TypedDict names every key the env reports
     obs, *_, info = env.step('<tool_call>{"name": "convert", "arguments": {"value": "x"}}</tool_call>')
     assert "should be number" in obs[0]["content"] and info["parse_error_kinds"] == ["bad_arguments"]
     assert "tool_call_id" not in obs[0] and info["assistant_tool_calls"] == []  # a rejected call has no id
-    _, reward, terminated, _, _ = env.step("\\boxed{3000}")
-    assert reward == 1.0 and terminated
+    _, reward, terminated, _, info = env.step("\\boxed{3000}")
+    assert reward == 1.0 and terminated and set(info) == set(StepInfo.__annotations__)
     check_env(env)
     del gym.registry["my/Convert-v0"]
 
