@@ -61,6 +61,7 @@ class RolloutRunner:
         self.config = config or RolloutConfig()
         self._envs: list[ChatEnv] = []
         self._chats: dict[str, ChatTemplate] = {}
+        self._warned_tools = False
         self._free: asyncio.Queue | None = None
         self.last_metrics: dict[str, float] = {}
         ctx = self.config.max_context_tokens or getattr(engine, "max_model_len", None)
@@ -157,6 +158,11 @@ class RolloutRunner:
         if mode == "off" or not schemas:
             return self._chat(None), messages
         if mode == "template":
+            if not self._warned_tools and not self._chat(None).renders_tools():
+                self._warned_tools = True
+                log.warning(
+                    "rollout.show_tools='template' but the chat template ignores tools=: the model won't see them"
+                )
             return self._chat(schemas), messages
         from envs.tools import tool_prompt_section
 

@@ -12,8 +12,8 @@ engine sampled (model turns, including the stop string that ended a tool call), 
          generation prompt)
 
 so `len(token_roles) == len(completion_ids)`; "" on trajectories written before the field existed (unknown).
-`num_void_turns` counts model turns with neither a tool call nor a final answer, a turn cut at
-`max_tokens_per_turn` included (SimpleTIR's void turns).
+`num_void_turns` counts model turns with neither a tool call nor a final answer (SimpleTIR's void turns), every turn
+cut by a token limit included (`max_tokens_per_turn`, or the context), whatever it held.
 """
 
 from __future__ import annotations

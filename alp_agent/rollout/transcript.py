@@ -70,8 +70,7 @@ class Transcript:
             last["content"] = _TOOL_CALL_BLOCK.sub("", last["content"]).strip()
             last["tool_calls"] = tool_calls
         if self.check_drift:
-            full = self.chat.render(self.messages + [dict(m) for m in new_messages], add_generation_prompt=True)
-            self.token_drift += not full.startswith(self.text + delta.text)
+            self.token_drift += self._full_render_differs(new_messages, delta.text)
         self.messages.extend(dict(m) for m in new_messages)
         self.completion_ids.extend(delta.ids)
         self.loss_mask.extend([0] * len(delta.ids))
@@ -80,3 +79,12 @@ class Transcript:
         self.text += delta.text
         if check and self.chat.encode(self.text) != self.ids:
             self.retokenize_mismatch += 1
+
+    def _full_render_differs(self, new_messages: list[Message], piece: str) -> bool:
+        """Whether a full render of the real conversation differs from our text (a template that cannot render
+        the real history at all counts as differing: the diagnostic never ends an episode)."""
+        try:
+            full = self.chat.render(self.messages + [dict(m) for m in new_messages], add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 - diagnostic only
+            return True
+        return not full.startswith(self.text + piece)
