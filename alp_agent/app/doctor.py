@@ -121,6 +121,7 @@ def run_checks(cfg: RunConfig, prompts: int = 2, samples: int = 2) -> list[Check
     from alp_agent.models import load_model
     from alp_agent.rollout.chat import ChatTemplate
     from alp_agent.rollout.transcript import Transcript
+    from alp_agent.train.distributed import local_device
     from alp_agent.train.trainer import Trainer
 
     if cfg.run.threads:
@@ -128,7 +129,7 @@ def run_checks(cfg: RunConfig, prompts: int = 2, samples: int = 2) -> list[Check
     torch.manual_seed(cfg.run.seed)
     comps = build_inference(cfg)
     try:
-        model = load_model(comps.model_dir, dtype=torch.float32)
+        model = load_model(comps.model_dir, dtype=torch.float32, device=local_device())  # cuda:0 on a GPU machine
         trainer = Trainer(model, cfg.trainer)
         hf = model.config
         n_params = sum(p.numel() for p in model.parameters())
@@ -155,6 +156,7 @@ def run_checks(cfg: RunConfig, prompts: int = 2, samples: int = 2) -> list[Check
                     stats.get("kl_k3", float("nan")),
                     p.sigma0,
                     p.learnable,
+                    cfg.trainer.update.dtype,
                 ),
             )
         )

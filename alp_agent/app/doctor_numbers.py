@@ -14,10 +14,11 @@ from alp_agent.app.doctor_checks import FAIL, PASS, SKIP, WARN, Check
 from alp_agent.rollout.trajectory import Trajectory
 
 # Expected mean |log mu - log pi| per (engine dtype, trainer compute dtype), measured on SmolLM2-135M-Instruct
-# (CPU vLLM vs the HF trainer, temperature 0.7, top-p 1): WARN above 2x, FAIL above 10x.
+# (CPU vLLM vs the HF trainer, temperature 0.7, top-p 1; bf16 vs fp32 0.0257 measured by the doctor on the
+# quickstart, as in the 0.025): WARN above 2x, FAIL above 10x.
 EXPECTED_MEAN_ABS = {
     ("bfloat16", "float32"): 0.025,
-    ("bfloat16", "bfloat16"): 0.025,
+    ("bfloat16", "bfloat16"): 0.029,  # bf16 autocast trainer (the quickstart): 0.0286 measured
     ("float32", "float32"): 1e-6,
     ("float32", "bfloat16"): 0.025,
 }
@@ -153,7 +154,13 @@ def noise_kl_by_group(trainer, trajs: Sequence[Trajectory]) -> dict[str, float]:
     return out
 
 
-def check_noise(kl_by_group: dict[str, float] | None, mismatch_kl: float, sigma: float, learnable: bool) -> Check:
+def check_noise(
+    kl_by_group: dict[str, float] | None,
+    mismatch_kl: float,
+    sigma: float,
+    learnable: bool,
+    trainer_dtype: str = "float32",
+) -> Check:
     if kl_by_group is None:
         return Check("ALP noise", SKIP, "the algorithm adds no noise (bypass or a baseline)")
     total = next((v for k, v in kl_by_group.items() if k.startswith("all")), 0.0)
@@ -168,5 +175,10 @@ def check_noise(kl_by_group: dict[str, float] | None, mismatch_kl: float, sigma:
         details.append(
             f"the noise's KL is more than 10x {side} the mismatch: ALP models the mismatch best when they are of "
             f"the same order{' (σ is learnable and will move)' if learnable else ''}"
+        )
+    if trainer_dtype == "bfloat16" and sigma <= 1e-3:
+        details.append(
+            f"bfloat16 compute: a σ of {sigma:g} mostly re-draws bf16 rounding, so much of this KL is rounding, not "
+            "the noise itself (compare trainer.update.dtype=float32)"
         )
     return Check("ALP noise", status, summary, numbers, details)

@@ -1,4 +1,5 @@
-"""`alp-agent report`: PNG plots and a markdown summary from a run directory's metrics.jsonl.
+"""`alp-agent report`: PNG plots and a markdown summary from a run directory's metrics.jsonl (the episode viewer,
+report.html, is alp_agent.app.viewer).
 
 Works on a running run too (it only reads what has been flushed). Plots: reward and held-out accuracy, the
 sequence-ratio quantile envelope over steps, train-inference KL, sigma per layer, tool calls per episode.
@@ -66,16 +67,14 @@ def envelope(ax, recs: list[dict], prefix: str, label: str, color: str | None = 
     return True
 
 
-def write_report(run_dir: Path) -> Path:
-    """Write plots/*.png and report.md into the run directory; returns the report path."""
-    m = read_metrics(run_dir)
-    batch, step, ev = m.get("batch", []), m.get("step", []), m.get("eval", [])
-    plots = run_dir / "plots"
-    plots.mkdir(exist_ok=True)
-    made = []
+class _Figures:
+    """Writes one PNG per plot into `folder`; a plot whose `draw(ax)` returns False (nothing to show) is skipped."""
 
-    def plot(name: str, title: str, xlabel: str, draw) -> None:
-        """One figure: `draw(ax)` returns False when there is nothing to show (then no file is written)."""
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.made: list[str] = []
+
+    def plot(self, name: str, title: str, xlabel: str, draw) -> None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         try:
             if draw(ax) is False:
@@ -85,17 +84,23 @@ def write_report(run_dir: Path) -> Path:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend()
             fig.tight_layout()
-            fig.savefig(plots / name, dpi=110)
-            made.append(name)
+            fig.savefig(self.folder / name, dpi=110)
+            self.made.append(name)
         finally:
             plt.close(fig)
 
-    def reward(ax) -> None:
+
+def _draw_reward(batch: list[dict], ev: list[dict]):
+    def draw(ax) -> None:
         ax.plot(*series(batch, "reward/mean"), marker="o", label="train reward (mean)")
         if ev:
             ax.plot(*series(ev, "accuracy"), marker="s", label="held-out accuracy")
 
-    def ratio_envelope(ax) -> bool:
+    return draw
+
+
+def _draw_ratio_envelope(step: list[dict]):
+    def draw(ax) -> bool:
         prefix = "ratio_seq_vs_infer" if _first_key(step, "ratio_seq_vs_infer/p50") else "ratio_seq_vs_old"
         if not envelope(ax, step, prefix, "sequence ratio"):
             return False
@@ -103,7 +108,11 @@ def write_report(run_dir: Path) -> Path:
         ax.axhline(1.0, color="gray", lw=0.5)
         return True
 
-    def kl(ax) -> None:
+    return draw
+
+
+def _draw_kl(step: list[dict]):
+    def draw(ax) -> None:
         for key, label in [
             ("kl_train_infer/noisy/k3", "train(perturbed)-infer k3"),
             ("kl_train_infer/clean/k3", "train(clean)-infer k3"),
@@ -114,27 +123,43 @@ def write_report(run_dir: Path) -> Path:
                 ax.plot(x, y, label=label)
         ax.set_yscale("symlog", linthresh=1e-6)
 
-    layer_keys = sorted(
-        {k for r in step for k in r if k.startswith("sigma/layer_")}, key=lambda k: int(k.rsplit("_", 1)[1])
-    )
+    return draw
 
-    def sigma(ax) -> bool:
+
+def _draw_sigma(step: list[dict], layer_keys: list[str]):
+    def draw(ax) -> bool:
         cmap = plt.get_cmap("viridis")
         for i, k in enumerate(layer_keys):
             ax.plot(*series(step, k), color=cmap(i / max(len(layer_keys) - 1, 1)), lw=1)
         ax.set_ylabel("sigma")
         return bool(layer_keys)
 
-    def tools(ax) -> None:
+    return draw
+
+
+def _draw_tools(batch: list[dict]):
+    def draw(ax) -> None:
         ax.plot(*series(batch, "tools/calls_per_episode"), marker="o", label="tool calls / episode")
         ax.plot(*series(batch, "turns/mean"), marker="x", label="turns / episode")
 
-    plot("reward.png", "reward and accuracy", "batch", reward)
-    plot("ratio_envelope.png", "sequence importance ratio envelope", "optimizer step", ratio_envelope)
-    plot("kl.png", "train-inference KL", "optimizer step", kl)
-    plot("sigma.png", f"sigma per layer ({len(layer_keys)} layers, dark = first)", "optimizer step", sigma)
-    plot("tools.png", "tool use", "batch", tools)
+    return draw
 
+
+SUMMARY_KEYS = (
+    "reward/mean",
+    "ratio_token_vs_infer/p99_9",
+    "ratio_token_vs_infer/max",
+    "ratio_seq_vs_infer/p50",
+    "steps_mean/kl_train_infer/noisy/k3",
+    "steps_mean/kl_train_infer/clean/k3",
+    "sigma/mean",
+    "tools/calls_per_episode",
+    "skipped_steps_total",
+    "time/update",
+)
+
+
+def _summary_md(run_dir: Path, batch: list[dict], ev: list[dict], made: list[str]) -> str:
     lines = [f"# Run report: {run_dir.name}", ""]
     if ev:
         accs = [f"batch {r['step']}: {r.get('accuracy', float('nan')):.3f}" for r in ev]
@@ -142,22 +167,30 @@ def write_report(run_dir: Path) -> Path:
     if batch:
         last = batch[-1]
         lines += ["| metric (last batch) | value |", "|---|---|"]
-        for k in (
-            "reward/mean",
-            "ratio_token_vs_infer/p99_9",
-            "ratio_token_vs_infer/max",
-            "ratio_seq_vs_infer/p50",
-            "steps_mean/kl_train_infer/noisy/k3",
-            "steps_mean/kl_train_infer/clean/k3",
-            "sigma/mean",
-            "tools/calls_per_episode",
-            "skipped_steps_total",
-            "time/update",
-        ):
-            if last.get(k) is not None:
-                lines.append(f"| {k} | {last[k]:.4g} |")
+        lines += [f"| {k} | {last[k]:.4g} |" for k in SUMMARY_KEYS if last.get(k) is not None]
         lines.append("")
+    if (run_dir / "report.html").is_file() or (run_dir / "episodes.jsonl").is_file():
+        lines += ["Episodes token by token, with the ratio tail by turn: [report.html](report.html)", ""]
     lines += [f"![{p}](plots/{p})" for p in made]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write plots/*.png and report.md into the run directory; returns the report path."""
+    m = read_metrics(run_dir)
+    batch, step, ev = m.get("batch", []), m.get("step", []), m.get("eval", [])
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    figs = _Figures(plots)
+    layer_keys = sorted(
+        {k for r in step for k in r if k.startswith("sigma/layer_")}, key=lambda k: int(k.rsplit("_", 1)[1])
+    )
+    figs.plot("reward.png", "reward and accuracy", "batch", _draw_reward(batch, ev))
+    figs.plot("ratio_envelope.png", "sequence importance ratio envelope", "optimizer step", _draw_ratio_envelope(step))
+    figs.plot("kl.png", "train-inference KL", "optimizer step", _draw_kl(step))
+    title = f"sigma per layer ({len(layer_keys)} layers, dark = first)"
+    figs.plot("sigma.png", title, "optimizer step", _draw_sigma(step, layer_keys))
+    figs.plot("tools.png", "tool use", "batch", _draw_tools(batch))
     out = run_dir / "report.md"
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out.write_text(_summary_md(run_dir, batch, ev, figs.made), encoding="utf-8")
     return out
