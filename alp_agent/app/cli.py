@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -85,22 +84,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_repro(args: argparse.Namespace) -> int:
-    from alp_agent.app.repro import execute, load_plan, write_results
+    from alp_agent.app.repro_cli import run_repro
 
-    plan, cfg_path = load_plan(args.config, args.overrides)
-    out_dir = Path(args.out or plan.out_dir)
-    command = "alp-agent " + " ".join(shlex.quote(a) for a in args.argv)  # recorded with the results
-    if not args.report_only:
-        try:
-            execute(plan, cfg_path, out_dir, only=args.only, dry_run=args.dry_run)
-        finally:
-            if not args.dry_run:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                with open(out_dir / "commands.txt", "a", encoding="utf-8") as f:
-                    f.write(command + "\n")
-    if not args.dry_run:
-        print(f"table: {write_results(plan, out_dir, command, name=Path(args.config).stem)}")
-    return 0
+    return run_repro(args)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -184,14 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Small-scale reproduction of the paper: every arm, one table and plots.",
         epilog=EPILOG + " Overrides apply to every run of the plan.",
     )
-    rr.add_argument("--config", "-c", default="configs/repro/default.yaml", help="Repro plan (configs/repro/).")
-    rr.add_argument("--out", help="Output folder (default: the plan's out_dir).")
-    rr.add_argument(
-        "--only", action="append", help="Only runs whose name contains this (repeatable), e.g. stale4_seq_alp."
-    )
-    rr.add_argument("--dry-run", action="store_true", help="Validate every run's config and print the commands.")
-    rr.add_argument("--report-only", action="store_true", help="Only rebuild table.md and plots from finished runs.")
-    rr.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every run.")
+    from alp_agent.app.repro_cli import add_arguments as repro_arguments
+
+    repro_arguments(rr)
     rr.set_defaults(fn=cmd_repro)
 
     d = sub.add_parser(

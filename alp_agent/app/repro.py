@@ -4,7 +4,12 @@ A plan (configs/repro/*.yaml) names one shared training config, the arms (ALP, b
 few dotted overrides), the settings (staleness 4 / 8) and groups of (arms x settings x seeds). Every run is a plain
 `alp-agent train` in its own process and run directory, so a run here is exactly what a user would run, one crash
 cannot take the others down, and a finished run is never recomputed (rerunning the command resumes the plan).
-`report` then reads every run's metrics.jsonl into one markdown table per group and PNG plots comparing arms.
+`report` (repro_report) then reads every run's metrics.jsonl into tables, intervals and verdicts (repro_stats) and
+PNG plots (repro_plots).
+
+Pinned conditions (issue 14): `pinned` keys (engine dtype bf16, trainer dtype float32 by default) override every other
+source for every run, whatever the CPU, and each run directory gets run_info.json (CPU model and flags, cores, the
+pinned dtypes, versions, each attempt's wall time and exit code) before it is launched.
 
 All arms are compared on the same quantity: the trained policy against the engine's sampling logprobs mu (for the
 old-logprob baselines the trainer logs it beside their own ratio).
@@ -13,7 +18,6 @@ old-logprob baselines the trainer logs it beside their own ratio).
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -54,6 +58,22 @@ class ReproPlan(_Strict):
     settings: dict[str, dict[str, Any]] = Field(..., description="Setting name -> overrides (e.g. staleness).")
     groups: list[ReproGroup] = Field(..., min_length=1, description="What to run and compare.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Applied to every run (e.g. a GPU model).")
+    pinned: dict[str, Any] = Field(
+        default_factory=lambda: {"engine.dtype": "bfloat16", "trainer.update.dtype": "float32"},
+        description="Applied last to every run (arms, settings and overrides cannot change them): the engine's bf16 "
+        "against the float32 trainer is the paper's mismatch; pinned so the study measures the same thing on every "
+        "CPU (trainer.update.dtype 'auto' would pick bf16 on a CPU with native bf16).",
+    )
+    kl_spike_factor: float | None = Field(
+        None,
+        gt=0,
+        description="When set, a setting's KL spike threshold is this factor x the median step-0 (mismatch-only) "
+        "KL(mu||pi) of its runs (overrides kl_spike_threshold, which stays the fallback).",
+    )
+    reference_arm: str = Field("seq_bypass", description="Arm every other arm is compared with on the same seeds.")
+    claim_arms: list[str] = Field(
+        default_factory=lambda: ["seq_alp"], description="Arms whose paired difference gets a verdict per claim."
+    )
 
     @model_validator(mode="after")
     def _known_names(self) -> ReproPlan:
@@ -64,6 +84,12 @@ class ReproPlan(_Strict):
             for s in g.settings:
                 if s not in self.settings:
                     raise ValueError(f"group {g.name!r}: unknown setting {s!r}; settings: {', '.join(self.settings)}")
+        sources = {"overrides": self.overrides, **{f"setting {k!r}": v for k, v in self.settings.items()}}
+        sources.update({f"arm {k!r}": v for k, v in self.arms.items()})
+        for where, items in sources.items():
+            for k, v in items.items():
+                if k in self.pinned and v != self.pinned[k]:
+                    raise ValueError(f"{where}: {k}={v!r} conflicts with pinned {k}={self.pinned[k]!r}")
         return self
 
 
@@ -88,7 +114,10 @@ def load_plan(path: str | Path, extra: list[str] | None = None) -> tuple[ReproPl
     plan = validate(ReproPlan, read_yaml_with_base(path), str(path))
     for item in extra or []:
         keys, value = parse_override(item)
-        plan.overrides[".".join(keys)] = value
+        key = ".".join(keys)
+        if key in plan.pinned and value != plan.pinned[key]:
+            raise ConfigError(f"{item}: {key} is pinned to {plan.pinned[key]!r} by the plan {path} (`pinned`)")
+        plan.overrides[key] = value
     cfg = (path.parent / plan.config).resolve()
     if not cfg.is_file():
         raise ConfigError(f"{path}: config: {cfg} not found")
@@ -119,6 +148,7 @@ def run_overrides(plan: ReproPlan, spec: RunSpec, out_dir: Path) -> list[str]:
         "run.seed": spec.seed,
         "trainer.algo.perturb.seed": spec.seed,
         "trainer.update.seed": spec.seed,
+        **plan.pinned,
     }
     return [f"{k}={json.dumps(v)}" for k, v in items.items()]
 
@@ -188,16 +218,7 @@ def execute(
             log("  " + " ".join(cmd))
             status.append({"run": r.name, "state": "dry-run", "seconds": None})
             continue
-        run_dir.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        with open(run_dir / "log.txt", "a", encoding="utf-8") as f:
-            rc = subprocess.call(
-                cmd,
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")},
-            )
-        dt = time.perf_counter() - t0
+        rc, dt = _launch(cmd, run_dir, r, c)
         ok = rc == 0 and run_state(run_dir, c.run.iterations, final_eval) == "done"
         log_file = run_dir / "log.txt"
         log(f"  {r.name}: {'ok' if ok else f'FAILED (exit {rc}; see {log_file})'} in {dt / 60:.1f} min")
@@ -207,210 +228,22 @@ def execute(
     return status
 
 
-# ---------------------------------------------------------------------- summary of one run
-def _records(run_dir: Path) -> dict[str, list[dict]]:
-    from alp_agent.app.plots import read_metrics
+def _launch(cmd: list[str], run_dir: Path, spec: RunSpec, cfg) -> tuple[int, float]:
+    """One `alp-agent train` process, its output appended to log.txt, its conditions to run_info.json."""
+    from alp_agent.app.repro_runinfo import finish_attempt, start_attempt
 
-    return read_metrics(run_dir)
-
-
-def _vals(recs: list[dict], key: str) -> list[float]:
-    return [float(r[key]) for r in recs if r.get(key) is not None and math.isfinite(float(r[key]))]
-
-
-def summarize_run(run_dir: Path, kl_threshold: float) -> dict[str, float | None]:
-    """The table's numbers for one run (None where the run did not log the metric)."""
-    m = _records(run_dir)
-    steps, batches, evals = m.get("step", []), m.get("batch", []), m.get("eval", [])
-    last_batch_steps = steps[-len(steps) // max(len(batches), 1) :] if steps else []
-    kl = _vals(steps, "kl_train_infer/clean/k3")
-    acc = _vals(evals, "accuracy")
-    reward = _vals(batches, "reward/mean")
-    end = batches[-1] if batches else {}
-
-    def width(rec: dict) -> float | None:
-        lo, hi = rec.get("ratio_seq_vs_infer/p2"), rec.get("ratio_seq_vs_infer/p98")
-        return None if lo is None or hi is None else hi - lo
-
-    def mx(key: str) -> float | None:
-        v = _vals(steps, key)
-        return max(v) if v else None
-
-    ent = _vals(last_batch_steps, "entropy")
-    return {
-        "acc_before": acc[0] if acc else None,
-        "acc_final": acc[-1] if acc else None,
-        "acc_best": max(acc) if acc else None,
-        "reward_first": reward[0] if reward else None,
-        "reward_last": reward[-1] if reward else None,
-        "tok_ratio_p99_9": mx("ratio_token_vs_infer/p99_9"),
-        "tok_ratio_max": mx("ratio_token_vs_infer/max"),
-        "seq_width_end": width(end),
-        "seq_width_max": max((w for w in map(width, batches) if w is not None), default=None),
-        "kl_peak": max(kl) if kl else None,
-        "kl_mean": sum(kl) / len(kl) if kl else None,
-        "kl_spikes": float(sum(k > kl_threshold for k in kl)) if kl else None,
-        "skipped": float(end.get("skipped_steps_total", 0.0)) if end else None,
-        "entropy_end": sum(ent) / len(ent) if ent else None,
-        "sigma_end": end.get("sigma/mean"),
-        "steps": float(len(steps)),
-    }
-
-
-COLUMNS = [  # (key, header, format)
-    ("acc_final", "final acc", "{:.3f}"),
-    ("acc_best", "best acc", "{:.3f}"),
-    ("reward_last", "reward (last batch)", "{:.2f}"),
-    ("tok_ratio_p99_9", "tok ratio P99.9 (max over steps)", "{:.3g}"),
-    ("tok_ratio_max", "tok ratio max", "{:.3g}"),
-    ("seq_width_end", "seq ratio P98-P2 (last batch)", "{:.3g}"),
-    ("kl_peak", "KL peak", "{:.2e}"),
-    ("kl_mean", "KL mean", "{:.2e}"),
-    ("kl_spikes", "KL spikes", "{:.0f}"),
-    ("skipped", "skipped steps", "{:.0f}"),
-    ("entropy_end", "entropy (last batch)", "{:.3f}"),
-]
-
-
-def _cell(vals: list[float | None], fmt: str) -> str:
-    v = [x for x in vals if x is not None]
-    if not v:
-        return "-"
-    mean = sum(v) / len(v)
-    if len(v) == 1:
-        return fmt.format(mean)
-    return f"{fmt.format(mean)} [{fmt.format(min(v))}, {fmt.format(max(v))}]"
-
-
-def write_results(plan: ReproPlan, out_dir: Path, command: str | None = None, name: str = "table") -> Path:
-    """<name>.md (one table per group and setting; mean [min, max] over seeds), <name>.json and plots/*.png.
-    `name` is the plan file's stem, so several plans (default, sweep, seeds) can share one runs/ folder."""
-    runs_dir = out_dir / "runs"
-    per_run: dict[str, dict] = {}
-    for r in plan_runs(plan):
-        d = runs_dir / r.name
-        if (d / "metrics.jsonl").is_file():
-            per_run[r.name] = {
-                "arm": r.arm,
-                "setting": r.setting,
-                "seed": r.seed,
-                "state": _state_label(d),
-                **summarize_run(d, plan.kl_spike_threshold),
-            }
-    lines = ["# Small-scale reproduction: results", ""]
-    if command:
-        lines += ["Command:", "", f"    {command}", ""]
-    lines += [
-        (
-            f"KL = clean (noise-free) train-inference k3 KL per optimizer step; a spike is a step with KL > "
-            f"{plan.kl_spike_threshold:g}. Ratios are the trained policy (with ALP's noise where the arm has it) "
-            "over the engine's sampling logprobs mu, for every arm. With several seeds a cell is mean [min, max]."
-        ),
-        "",
-    ]
-    plots = out_dir / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    for g in plan.groups:
-        for s in g.settings:
-            lines += [f"## {g.name}, {s} ({_describe(plan.settings[s])})", ""]
-            lines.append("| arm | seeds | " + " | ".join(h for _, h, _ in COLUMNS) + " |")
-            lines.append("|---|---|" + "---:|" * len(COLUMNS))
-            for a in g.arms:
-                rows = [per_run.get(RunSpec(a, s, seed).name) for seed in g.seeds]
-                got = [x for x in rows if x and x["state"] == "done"]  # a running or crashed run is not a result
-                partial = sum(1 for x in rows if x and x["state"] != "done")
-                seeds = f"{len(got)}/{len(g.seeds)}" + (f" (+{partial} incomplete)" if partial else "")
-                lines.append(
-                    f"| {a} | {seeds} | " + " | ".join(_cell([x.get(k) for x in got], f) for k, _, f in COLUMNS) + " |"
-                )
-            lines.append("")
-            png = plot_group(plan, g, s, runs_dir, plots / f"{g.name}_{s}.png")
-            if png is not None:
-                lines += [f"![{g.name} {s}](plots/{png.name})", ""]
-    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (out_dir / f"{name}.json").write_text(json.dumps(per_run, indent=1), encoding="utf-8")
-    return out_dir / f"{name}.md"
-
-
-def _state_label(run_dir: Path) -> str:
-    """'done' once `train` wrote summary.json (after its final eval), else 'incomplete' (running or crashed)."""
-    s = run_dir / "summary.json"
-    return "done" if s.is_file() else "incomplete"
-
-
-def _describe(overrides: dict[str, Any]) -> str:
-    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items()) or "base"
-
-
-# ---------------------------------------------------------------------- plots
-def _step_series(recs: list[dict], key: str) -> dict[int, float]:
-    return {int(r["step"]): float(r[key]) for r in recs if r.get(key) is not None and math.isfinite(float(r[key]))}
-
-
-def _seed_band(series: list[dict[int, float]]) -> tuple[list[int], list[float], list[float], list[float]]:
-    """Mean, min and max over seeds at the steps every seed has."""
-    common = sorted(set.intersection(*(set(s) for s in series))) if series else []
-    mean = [sum(s[x] for s in series) / len(series) for x in common]
-    return common, mean, [min(s[x] for s in series) for x in common], [max(s[x] for s in series) for x in common]
-
-
-def plot_group(plan: ReproPlan, g: ReproGroup, setting: str, runs_dir: Path, out: Path) -> Path | None:
-    """Three panels over optimizer steps / batches: sequence-ratio P2-P98 envelope, clean KL, reward and accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
-    drawn = False
-    for i, a in enumerate(g.arms):
-        color = f"C{i % 10}"
-        recs = []
-        for seed in g.seeds:
-            d = runs_dir / RunSpec(a, setting, seed).name
-            if (d / "metrics.jsonl").is_file():
-                recs.append(_records(d))
-        if not recs:
-            continue
-        drawn = True
-        # (1) envelope of the sequence ratio vs mu over batches (all sequences of the batch), seed 0 shaded
-        b = recs[0].get("batch", [])
-        lo, hi = _step_series(b, "ratio_seq_vs_infer/p2"), _step_series(b, "ratio_seq_vs_infer/p98")
-        xs = sorted(set(lo) & set(hi))
-        if xs:
-            axes[0].fill_between(xs, [lo[x] for x in xs], [hi[x] for x in xs], color=color, alpha=0.15)
-            axes[0].plot(xs, [hi[x] for x in xs], color=color, label=a)
-            axes[0].plot(xs, [lo[x] for x in xs], color=color, linestyle="--")
-        # (2) clean train-inference KL per optimizer step: mean over seeds, band = min..max
-        x, m, mn, mxs = _seed_band([_step_series(r.get("step", []), "kl_train_infer/clean/k3") for r in recs])
-        if x:
-            axes[1].plot(x, m, color=color, label=a)
-            if len(recs) > 1:
-                axes[1].fill_between(x, mn, mxs, color=color, alpha=0.15)
-        # (3) rollout reward per batch (solid) and held-out accuracy (markers)
-        x, m, mn, mxs = _seed_band([_step_series(r.get("batch", []), "reward/mean") for r in recs])
-        if x:
-            axes[2].plot(x, m, color=color, label=f"{a} reward")
-            if len(recs) > 1:
-                axes[2].fill_between(x, mn, mxs, color=color, alpha=0.15)
-        x, m, _, _ = _seed_band([_step_series(r.get("eval", []), "accuracy") for r in recs])
-        if x:
-            axes[2].plot(x, m, color=color, marker="o", linestyle=":", label=f"{a} held-out acc")
-    if not drawn:
-        plt.close(fig)
-        return None
-    axes[0].set(
-        title="sequence ratio vs mu: P98 (solid) and P2 (dashed), per batch", xlabel="rollout batch", yscale="log"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = start_attempt(
+        run_dir, {"run": spec.name, "arm": spec.arm, "setting": spec.setting, "seed": spec.seed}, cfg, cmd
     )
-    axes[1].axhline(plan.kl_spike_threshold, color="grey", linestyle=":", label="spike threshold")
-    axes[1].set(title="clean train-inference KL (k3)", xlabel="optimizer step", yscale="log")
-    axes[2].set(title="reward (line) and held-out accuracy (markers)", xlabel="rollout batch")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{g.name} / {setting}")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    t0 = time.perf_counter()
+    with open(run_dir / "log.txt", "a", encoding="utf-8") as f:
+        rc = subprocess.call(
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")},
+        )
+    dt = time.perf_counter() - t0
+    finish_attempt(run_dir, info, dt, rc)
+    return rc, dt

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from alp_agent.app.cli import main
-from alp_agent.app.repro import execute, load_plan, plan_runs, summarize_run, write_results
+from alp_agent.app.repro import execute, load_plan, plan_runs
+from alp_agent.app.repro_report import summarize_run, write_results
 from alp_agent.config_io import ConfigError
 from alp_agent.train.logging import MetricsWriter
 
@@ -95,10 +96,12 @@ def test_summary_numbers_and_table(tmp_path):
     assert s["tok_ratio_max"] == pytest.approx(2.5) and s["tok_ratio_p99_9"] == pytest.approx(1.5)
     assert s["seq_width_end"] == pytest.approx(2.5) and s["skipped"] == 1.0
     assert s["entropy_end"] == pytest.approx(4.0)  # mean over the last batch's two steps (3.5, 4.5)
+    assert s["kl_step0"] == 0.001 and s["kl_batch1_growth"] == pytest.approx(200.0)  # 0.2 / 0.001 at batch 1's end
+    assert s["seq_width_mean"] == pytest.approx(2.0) and s["collapsed"] == 0.0  # widths 1.5, 2.5; 0.4 >= 0.2
     table = write_results(plan, tmp_path, command="alp-agent repro", name="default")
     text = table.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| seq_alp |"))
-    assert "| 0.400 | 0.600 |" in row and "| 2 |" in row
+    assert "| 0.200 | 0.400 | 0.600 |" in row and "| 2 |" in row
     assert "| mis | 0/1 | -" in text  # missing runs are shown as missing, not dropped
     assert "| tis | 0/1 (+1 incomplete) | -" in text
     assert (tmp_path / "plots" / "main_stale4.png").stat().st_size > 0

@@ -1,0 +1,278 @@
+"""`alp-agent repro` results: per-run summaries from metrics.jsonl, the per-group tables, the claims with their
+t intervals, paired differences against the reference arm and verdicts (repro_stats), and the figures (repro_plots).
+
+A run counts once `train` wrote summary.json (after its final eval); a running or crashed run is shown as incomplete,
+never as a result. The KL is the clean (noise-free) train-vs-engine KL(mu||pi) by k3 on mu's samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from alp_agent.app.repro import ReproGroup, ReproPlan, RunSpec, plan_runs
+from alp_agent.app.repro_stats import CLAIMS, mean_ci, paired_difference, verdict
+
+KL_KEY = "kl_train_infer/clean/k3"
+
+
+def _records(run_dir: Path) -> dict[str, list[dict]]:
+    from alp_agent.app.plots import read_metrics
+
+    return read_metrics(run_dir)
+
+
+def _vals(recs: list[dict], key: str) -> list[float]:
+    return [float(r[key]) for r in recs if r.get(key) is not None and math.isfinite(float(r[key]))]
+
+
+def _width(rec: dict) -> float | None:
+    lo, hi = rec.get("ratio_seq_vs_infer/p2"), rec.get("ratio_seq_vs_infer/p98")
+    return None if lo is None or hi is None else float(hi) - float(lo)
+
+
+def step0_kl(run_dir: Path) -> float | None:
+    """The first optimizer step's clean KL: measured before any update, i.e. the mismatch alone."""
+    kl = _vals(_records(run_dir).get("step", []), KL_KEY)
+    return kl[0] if kl else None
+
+
+def summarize_run(run_dir: Path, kl_threshold: float) -> dict[str, float | None]:
+    """The table's numbers for one run (None where the run did not log the metric)."""
+    m = _records(run_dir)
+    steps, batches, evals = m.get("step", []), m.get("batch", []), m.get("eval", [])
+    per_batch = len(steps) // max(len(batches), 1)
+    kl = _vals(steps, KL_KEY)
+    acc = _vals(evals, "accuracy")
+    reward = _vals(batches, "reward/mean")
+    end = batches[-1] if batches else {}
+    widths = [w for w in map(_width, batches) if w is not None]
+    b1 = _vals(steps[:per_batch], KL_KEY) if per_batch else []
+
+    def mx(key: str) -> float | None:
+        v = _vals(steps, key)
+        return max(v) if v else None
+
+    ent = _vals(steps[-per_batch:] if per_batch else [], "entropy")
+    return {
+        "acc_before": acc[0] if acc else None,
+        "acc_final": acc[-1] if acc else None,
+        "acc_best": max(acc) if acc else None,
+        "collapsed": float(acc[-1] < acc[0]) if len(acc) >= 2 else None,
+        "reward_first": reward[0] if reward else None,
+        "reward_last": reward[-1] if reward else None,
+        "tok_ratio_p99_9": mx("ratio_token_vs_infer/p99_9"),
+        "tok_ratio_max": mx("ratio_token_vs_infer/max"),
+        "seq_width_end": _width(end),
+        "seq_width_max": max(widths) if widths else None,
+        "seq_width_mean": sum(widths) / len(widths) if widths else None,
+        "kl_step0": kl[0] if kl else None,
+        "kl_batch1_end": b1[-1] if b1 else None,
+        "kl_batch1_growth": b1[-1] / b1[0] if len(b1) >= 1 and b1[0] > 0 else None,
+        "kl_peak": max(kl) if kl else None,
+        "kl_mean": sum(kl) / len(kl) if kl else None,
+        "kl_spikes": float(sum(k > kl_threshold for k in kl)) if kl else None,
+        "kl_threshold": kl_threshold,
+        "skipped": float(end.get("skipped_steps_total", 0.0)) if end else None,
+        "entropy_end": sum(ent) / len(ent) if ent else None,
+        "sigma_end": end.get("sigma/mean"),
+        "steps": float(len(steps)),
+    }
+
+
+def spike_thresholds(plan: ReproPlan, runs_dir: Path) -> dict[str, float]:
+    """Per setting: the plan's fixed threshold, or kl_spike_factor x the median step-0 (mismatch-only) KL of the
+    setting's runs, so a quantized regime with a 10x larger mismatch is not all spikes."""
+    out = {}
+    for s in plan.settings:
+        if plan.kl_spike_factor is None:
+            out[s] = plan.kl_spike_threshold
+            continue
+        k0 = []
+        for r in plan_runs(plan):
+            d = runs_dir / r.name
+            if r.setting == s and (d / "metrics.jsonl").is_file() and (k := step0_kl(d)) is not None:
+                k0.append(k)
+        out[s] = plan.kl_spike_factor * statistics.median(k0) if k0 else plan.kl_spike_threshold
+    return out
+
+
+COLUMNS = [  # (key, header, format)
+    ("acc_before", "acc before", "{:.3f}"),
+    ("acc_final", "final acc", "{:.3f}"),
+    ("acc_best", "best acc", "{:.3f}"),
+    ("reward_last", "reward (last batch)", "{:.2f}"),
+    ("tok_ratio_p99_9", "tok ratio P99.9 (max over steps)", "{:.3g}"),
+    ("tok_ratio_max", "tok ratio max", "{:.3g}"),
+    ("seq_width_mean", "seq ratio P98-P2 (mean over batches)", "{:.3g}"),
+    ("kl_step0", "KL step 0", "{:.2e}"),
+    ("kl_batch1_growth", "KL end of batch 1 / step 0", "{:.3g}"),
+    ("kl_peak", "KL peak", "{:.2e}"),
+    ("kl_spikes", "KL spikes", "{:.0f}"),
+    ("skipped", "skipped steps", "{:.0f}"),
+    ("entropy_end", "entropy (last batch)", "{:.3f}"),
+]
+
+
+def _cell(vals: list[float | None], fmt: str) -> str:
+    v = [x for x in vals if x is not None]
+    if not v:
+        return "-"
+    mean = sum(v) / len(v)
+    if len(v) == 1:
+        return fmt.format(mean)
+    return f"{fmt.format(mean)} [{fmt.format(min(v))}, {fmt.format(max(v))}]"
+
+
+def _ci(fmt: str, mean: float, lo: float, hi: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    if math.isnan(lo):
+        return fmt.format(mean)
+    return f"{fmt.format(mean)} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def claims_tables(plan: ReproPlan, g: ReproGroup, setting: str, per_run: dict[str, dict]) -> list[str]:
+    """Markdown: per arm mean [95 % t interval] of each claim's metric, then each arm minus the reference arm on the
+    same seeds with its interval, and the verdict for the plan's claim arms."""
+    done = {
+        a: {s: per_run[n] for s in g.seeds if (n := RunSpec(a, setting, s).name) in per_run and per_run[n]["done"]}
+        for a in g.arms
+    }
+    lines = ["Per arm: mean [95 % t interval over seeds].", ""]
+    lines.append("| arm | seeds | " + " | ".join(c.name for c in CLAIMS) + " |")
+    lines.append("|---|---|" + "---:|" * len(CLAIMS))
+    for a in g.arms:
+        cells = []
+        for c in CLAIMS:
+            iv = mean_ci([r.get(c.key) for r in done[a].values()])
+            cells.append(_ci(c.fmt, iv.mean, iv.lo, iv.hi))
+        lines.append(f"| {a} | {len(done[a])} | " + " | ".join(cells) + " |")
+    ref = plan.reference_arm
+    if ref not in g.arms:
+        return lines + [""]
+    lines += [
+        "",
+        f"Paired difference arm - {ref} (same seeds): mean [95 % t interval]; verdict for {', '.join(plan.claim_arms)}"
+        " (supported / refuted: the interval excludes 0 in / against the paper's direction; undecided: MDE = the "
+        "smallest difference this design detects with 80 % power at the 5 % level).",
+        "",
+        "| arm | claim | paper's direction | pairs | difference | verdict | MDE |",
+        "|---|---|---|---:|---|---|---:|",
+    ]
+    for a in g.arms:
+        if a == ref:
+            continue
+        for c in CLAIMS:
+            d = paired_difference(
+                {s: r.get(c.key) for s, r in done[a].items()}, {s: r.get(c.key) for s, r in done[ref].items()}
+            )
+            v = verdict(d, c.direction)
+            label = v.label if a in plan.claim_arms else "-"
+            mde = "-" if math.isnan(v.mde) else c.fmt.format(v.mde)
+            arrow = "higher" if c.direction > 0 else "lower"
+            lines.append(f"| {a} | {c.name} | {arrow} | {d.n} | {_ci(c.fmt, d.mean, d.lo, d.hi)} | {label} | {mde} |")
+    return lines + [""]
+
+
+def _run_info(run_dir: Path) -> dict[str, Any]:
+    p = run_dir / "run_info.json"
+    try:
+        return json.loads(p.read_text()) if p.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def write_results(plan: ReproPlan, out_dir: Path, command: str | None = None, name: str = "table") -> Path:
+    """<name>.md (per group and setting: the metric table, the claims with intervals and verdicts, the figures),
+    <name>.json (every run's numbers) and plots/*.png. `name` is the plan file's stem, so several plans can share
+    one runs/ folder."""
+
+    runs_dir = out_dir / "runs"
+    thresholds = spike_thresholds(plan, runs_dir)
+    per_run: dict[str, dict] = {}
+    for r in plan_runs(plan):
+        d = runs_dir / r.name
+        if (d / "metrics.jsonl").is_file():
+            info = _run_info(d)
+            per_run[r.name] = {
+                "arm": r.arm,
+                "setting": r.setting,
+                "seed": r.seed,
+                "done": (d / "summary.json").is_file(),  # written after the final eval
+                "seconds": info.get("seconds"),
+                "cpu": info.get("cpu", {}).get("model"),
+                **summarize_run(d, thresholds[r.setting]),
+            }
+    lines = ["# Small-scale reproduction: results", ""]
+    if command:
+        lines += ["Command:", "", f"    {command}", ""]
+    lines += [
+        "KL = clean (noise-free) train-vs-engine KL(mu||pi) by k3 = mean(r - 1 - log r), r = pi/mu, on mu's samples, "
+        "per optimizer step. A spike is a step whose KL exceeds the setting's threshold ("
+        + ", ".join(f"{s}: {t:.3g}" for s, t in thresholds.items())
+        + (
+            f" = {plan.kl_spike_factor:g} x the median step-0 mismatch KL of the setting's runs)."
+            if plan.kl_spike_factor is not None
+            else ")."
+        )
+        + " Ratios are the trained policy (with ALP's noise where the arm has it) over the engine's mu, for every "
+        "arm. Metric tables: mean [min, max] over finished seeds.",
+        "",
+    ]
+    if (out_dir / "mismatch.md").is_file():
+        lines += [(out_dir / "mismatch.md").read_text(encoding="utf-8"), ""]
+    plots = out_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    for g in plan.groups:
+        for s in g.settings:
+            lines += _group_section(plan, g, s, per_run, runs_dir, plots, thresholds)
+    lines += _runs_appendix(per_run)
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out_dir / f"{name}.json").write_text(json.dumps(per_run, indent=1), encoding="utf-8")
+    return out_dir / f"{name}.md"
+
+
+def _group_section(plan, g, s, per_run, runs_dir: Path, plots: Path, thresholds: dict[str, float]) -> list[str]:
+    from alp_agent.app.repro_plots import plot_claims, plot_group
+
+    lines = [f"## {g.name}, {s} ({_describe(plan.settings[s])})", ""]
+    lines.append("| arm | seeds | " + " | ".join(h for _, h, _ in COLUMNS) + " |")
+    lines.append("|---|---|" + "---:|" * len(COLUMNS))
+    for a in g.arms:
+        rows = [per_run.get(RunSpec(a, s, seed).name) for seed in g.seeds]
+        got = [x for x in rows if x and x["done"]]  # a running or crashed run is not a result
+        partial = sum(1 for x in rows if x and not x["done"])
+        seeds = f"{len(got)}/{len(g.seeds)}" + (f" (+{partial} incomplete)" if partial else "")
+        lines.append(
+            f"| {a} | {seeds} | " + " | ".join(_cell([x.get(k) for x in got], f) for k, _, f in COLUMNS) + " |"
+        )
+    lines.append("")
+    png = plot_group(plan, g, s, runs_dir, plots / f"{g.name}_{s}.png", kl_threshold=thresholds[s])
+    if png is not None:
+        lines += [f"![{g.name} {s}](plots/{png.name})", ""]
+    if len(g.seeds) < 2:  # one seed (--quick): the mechanism only, no intervals
+        return lines
+    lines += claims_tables(plan, g, s, per_run)
+    png = plot_claims(g, s, per_run, plots / f"{g.name}_{s}_claims.png")
+    if png is not None:
+        lines += [f"![{g.name} {s} claims](plots/{png.name})", ""]
+    return lines
+
+
+def _runs_appendix(per_run: dict[str, dict]) -> list[str]:
+    """Every run with its wall time and CPU (from run_info.json)."""
+    if not per_run:
+        return []
+    lines = ["## Runs", "", "| run | finished | minutes | CPU |", "|---|---|---:|---|"]
+    for n, r in sorted(per_run.items()):
+        mins = f"{r['seconds'] / 60:.1f}" if r.get("seconds") else "-"
+        lines.append(f"| {n} | {'yes' if r['done'] else 'no'} | {mins} | {r.get('cpu') or '-'} |")
+    return lines + [""]
+
+
+def _describe(overrides: dict[str, Any]) -> str:
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items()) or "base"

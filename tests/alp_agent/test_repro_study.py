@@ -1,0 +1,224 @@
+"""The powered study's apparatus (issue 14): t quantiles, intervals, paired differences and verdicts on
+hand-computed numbers; the study plans (pinned dtypes, arms, seeds, budget); the claims tables from fake runs; the
+CPU record of run_info.json."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from alp_agent.app.cli import main
+from alp_agent.app.repro import execute, load_plan, plan_runs, run_overrides
+from alp_agent.app.repro_report import write_results
+from alp_agent.app.repro_runinfo import cpu_info, finish_attempt, start_attempt
+from alp_agent.app.repro_stats import (
+    mean_ci,
+    min_detectable_effect,
+    paired_difference,
+    t_cdf,
+    t_quantile,
+    verdict,
+)
+from alp_agent.config_io import ConfigError
+from alp_agent.train.logging import MetricsWriter
+
+REPO = Path(__file__).resolve().parents[2]
+PLANS = REPO / "configs" / "repro"
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+@pytest.mark.parametrize(
+    ("p", "df", "expected"),
+    [(0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 4, 2.776), (0.975, 9, 2.262), (0.975, 30, 2.042),
+     (0.8, 2, 1.061), (0.8, 4, 0.941), (0.95, 5, 2.015), (0.025, 2, -4.303)],
+)  # fmt: skip
+def test_t_quantile_matches_the_table(p, df, expected):
+    assert t_quantile(p, df) == pytest.approx(expected, abs=5e-4)
+    assert t_cdf(t_quantile(p, df), df) == pytest.approx(p, abs=1e-10)
+
+
+def test_t_cdf_edge_cases():
+    assert t_cdf(0.0, 3) == 0.5
+    assert t_cdf(1.0, 1) == pytest.approx(0.75)  # Cauchy: 1/2 + atan(1)/pi
+    assert t_cdf(50.0, 200) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        t_cdf(1.0, 0)
+    with pytest.raises(ValueError):
+        t_quantile(1.0, 3)
+
+
+def test_mean_ci_hand_computed():
+    iv = mean_ci([1.0, 2.0, 3.0])  # s = 1, se = 1/sqrt(3), t_{0.975,2} = 4.302653
+    assert (iv.mean, iv.n) == (2.0, 3)
+    assert iv.se == pytest.approx(1 / math.sqrt(3))
+    assert (iv.lo, iv.hi) == pytest.approx((2 - 4.302653 / math.sqrt(3), 2 + 4.302653 / math.sqrt(3)), abs=1e-6)
+    one = mean_ci([0.5, None, float("nan")])  # type: ignore[list-item]
+    assert one.n == 1 and one.mean == 0.5 and math.isnan(one.lo)
+    assert mean_ci([]).n == 0
+
+
+def test_paired_difference_and_verdicts_hand_computed():
+    arm = {0: 0.5, 1: 0.6, 2: 0.7, 7: 0.9}  # seed 7 has no reference run: left out
+    ref = {0: 0.3, 1: 0.35, 2: 0.45, 3: 0.1}
+    d = paired_difference(arm, ref)  # differences 0.2, 0.25, 0.25
+    assert d.n == 3 and d.mean == pytest.approx(0.233333, abs=1e-6)
+    assert d.se == pytest.approx(0.0166667, abs=1e-7)
+    assert (d.lo, d.hi) == pytest.approx((0.161622, 0.305044), abs=1e-6)
+    assert verdict(d, +1).label == "supported" and verdict(d, -1).label == "refuted"
+    assert min_detectable_effect(d) == pytest.approx((4.302653 + 1.060660) * 0.0166667, abs=1e-6)
+    u = paired_difference({0: 0.4, 1: 0.2, 2: 0.6}, {0: 0.3, 1: 0.3, 2: 0.3})  # differences 0.1, -0.1, 0.3
+    v = verdict(u, +1)
+    assert v.label == "undecided" and (u.lo, u.hi) == pytest.approx((0.1 - 0.496828, 0.1 + 0.496828), abs=1e-6)
+    assert v.mde == pytest.approx(5.363313 * 0.2 / math.sqrt(3), abs=1e-5)
+    assert verdict(paired_difference({0: 1.0}, {0: 0.0}), +1).label == "undecided (1 seed)"
+    assert verdict(paired_difference({}, {}), +1).label == "no data"
+
+
+# ------------------------------------------------------------------------------------------------ plans
+def _dry(plan_file: str, tmp_path: Path) -> list[dict]:
+    plan, cfg = load_plan(PLANS / plan_file)
+    try:
+        return execute(plan, cfg, tmp_path / "out", dry_run=True, log=lambda *_: None)
+    except ConfigError as e:  # sigma0 'auto' lands with issue 13 (the evidence fixes)
+        if "sigma0" in str(e):
+            pytest.skip(f"trainer.algo.perturb.sigma0: auto is not in this tree yet: {e}")
+        raise
+
+
+def test_study_plan_design(tmp_path):
+    plan, _ = load_plan(PLANS / "study.yaml")
+    runs = plan_runs(plan)
+    assert len(runs) == 2 * (3 * 3 + 2 * 5) == 38
+    for arm, n in {"seq_alp": 5, "seq_bypass": 5, "tis": 3, "mis": 3, "grpo": 3}.items():
+        for setting in ("bf16_stale8", "int8_stale8"):
+            assert sum(r.arm == arm and r.setting == setting for r in runs) == n
+    assert plan.settings["int8_stale8"]["engine.weight_quantization"] == "int8"
+    for r in runs:  # pinned whatever the CPU: the last word on the dtypes
+        ov = run_overrides(plan, r, tmp_path)
+        assert ov[-2:] == ['engine.dtype="bfloat16"', 'trainer.update.dtype="float32"']
+    status = _dry("study.yaml", tmp_path)
+    assert len(status) == 38 and {s["state"] for s in status} == {"dry-run"}
+
+
+def test_study_run_configs_meet_the_budget(tmp_path):
+    from alp_agent.config import RunConfig
+    from alp_agent.config_io import load_config
+
+    plan, cfg_path = load_plan(PLANS / "study.yaml")
+    r = plan_runs(plan)[0]
+    try:
+        c = load_config(RunConfig, cfg_path, run_overrides(plan, r, tmp_path))
+    except ConfigError as e:
+        pytest.skip(f"sigma0 auto not in this tree yet: {e}")
+    assert c.run.iterations >= 12 and c.eval.num_tasks >= 48
+    evals = 1 + c.run.iterations // c.eval.every if c.eval.every else 2
+    assert evals >= 3
+    assert (c.engine.dtype, c.trainer.update.dtype, c.trainer.update.updates_per_batch) == ("bfloat16", "float32", 8)
+
+
+@pytest.mark.parametrize("plan_file", ["ext1_paper_sigma.yaml", "ext2_token_alp.yaml", "ext3_gspo.yaml",
+                                       "ext4_stale4.yaml", "ext5_layers.yaml", "quick.yaml", "pilot.yaml"])  # fmt: skip
+def test_extension_plans_validate(plan_file, tmp_path):
+    status = _dry(plan_file, tmp_path)
+    assert status and {s["state"] for s in status} == {"dry-run"}
+
+
+def test_quick_is_one_seed_of_two_arms(tmp_path, monkeypatch, capsys):
+    plan, _ = load_plan(PLANS / "quick.yaml")
+    assert [(r.arm, r.seed) for r in plan_runs(plan)] == [("seq_alp", 0), ("seq_bypass", 0)]
+    monkeypatch.chdir(REPO)
+    try:
+        rc = main(["repro", "--quick", "--dry-run", "--out", str(tmp_path / "q")])
+    except ConfigError as e:
+        pytest.skip(f"sigma0 auto not in this tree yet: {e}")
+    assert rc == 0 and capsys.readouterr().out.count("running") == 2
+
+
+def test_pinned_keys_cannot_be_overridden(tmp_path):
+    with pytest.raises(ConfigError, match="pinned"):
+        load_plan(PLANS / "study.yaml", ["engine.dtype=float32"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        f"config: {PLANS / 'base.yaml'}\narms: {{a: {{trainer.update.dtype: bfloat16}}}}\n"
+        "settings: {s: {}}\ngroups: [{name: g, arms: [a], settings: [s]}]\n"
+    )
+    with pytest.raises(ConfigError, match="conflicts with pinned"):
+        load_plan(bad)
+
+
+# ------------------------------------------------------------------------------------------------ claims tables
+def _fake(run_dir: Path, k0: float, kl_peak: float, widths: list[float], acc: list[float]) -> None:
+    """Two batches of 2 steps: step 1 logs the mismatch-only KL k0, the peak comes last."""
+    w = MetricsWriter(run_dir, tensorboard=False)
+    w.write("eval", 0, {"accuracy": acc[0]})
+    kls = [k0, 2 * k0, 3 * k0, kl_peak]
+    for i, k in enumerate(kls, 1):
+        w.write("step", i, {"kl_train_infer/clean/k3": k})
+        if i % 2 == 0:
+            b = i // 2
+            w.write("batch", b, {"ratio_seq_vs_infer/p2": 1.0, "ratio_seq_vs_infer/p98": 1.0 + widths[b - 1]})
+    w.write("eval", 2, {"accuracy": acc[1]})
+    w.close()
+    (run_dir / "summary.json").write_text(json.dumps({"batches": 2, "interrupted": False, "accuracy_after": acc[1]}))
+
+
+def test_claims_table_and_verdicts_from_runs(tmp_path):
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(
+        f"config: {PLANS / 'base.yaml'}\nout_dir: {tmp_path}\nkl_spike_factor: 10\n"
+        "arms: {seq_alp: {trainer.algo.name: alp}, seq_bypass: {trainer.algo.name: bypass}}\n"
+        "settings: {s8: {}}\ngroups: [{name: g, arms: [seq_alp, seq_bypass], settings: [s8], seeds: [0, 1, 2]}]\n"
+    )
+    plan, _ = load_plan(plan_file)
+    runs = tmp_path / "runs"
+    for seed, (alp_acc, byp_acc) in enumerate([(0.5, 0.3), (0.6, 0.35), (0.7, 0.45)]):
+        # step-0 KL 1e-3 everywhere -> threshold 1e-2; ALP peaks at 5e-3 (no spike), Bypass at 0.5 (one spike)
+        _fake(runs / f"s8_seq_alp_s{seed}", 1e-3, 5e-3, [1.0, 1.0 + seed], [0.2, alp_acc])
+        _fake(runs / f"s8_seq_bypass_s{seed}", 1e-3, 0.5, [2.0, 2.0 + seed], [0.4, byp_acc])
+    text = write_results(plan, tmp_path, name="plan").read_text()
+    assert "s8: 0.01" in text  # 10 x the median step-0 KL
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| seq_alp | ")}
+    acc = rows["final held-out accuracy"]  # differences 0.2, 0.25, 0.25 (hand-computed above)
+    assert "0.233 [0.162, 0.305]" in acc and "| supported |" in acc
+    assert "| supported |" in rows["KL(μ‖π) spike count"]  # 0 - 1 on every seed: sd 0 -> interval [-1, -1]
+    # collapse: Bypass falls below its start on seeds 0 and 1 only -> differences -1, -1, 0 (hand: se 1/3)
+    assert "-0.67 [-2.10, 0.77] | undecided | 1.79 |" in rows["collapse (final held-out accuracy below its start; 0/1)"]
+    assert "| supported |" in rows["P2-P98 width of the noisy sequence ratio vs mu (mean over batches)"]
+    assert (tmp_path / "plots" / "g_s8_claims.png").stat().st_size > 0
+    per_run = json.loads((tmp_path / "plan.json").read_text())
+    assert per_run["s8_seq_bypass_s0"]["kl_spikes"] == 1 and per_run["s8_seq_bypass_s0"]["collapsed"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ run_info
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz
+flags\t\t: fpu avx2 fma avx512f avx512_vnni
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz
+flags\t\t: fpu avx2 fma avx512f avx512_vnni
+"""
+
+
+def test_cpu_info_and_run_info(tmp_path):
+    c = cpu_info(CPUINFO)
+    assert c["model"].startswith("Intel(R) Xeon(R) Platinum 8375C")
+    assert c["key_flags"]["avx512f"] and not c["key_flags"]["avx512_bf16"] and not c["native_bf16"]
+    assert "avx512_vnni" in c["flags"] and c["cores"] >= 1
+    assert cpu_info()["model"]  # this machine's
+
+    from alp_agent.config import RunConfig
+
+    cfg = RunConfig.model_validate(
+        {"engine": {"weight_quantization": "int8"}, "trainer": {"update": {"dtype": "float32"}}}
+    )
+    info = start_attempt(tmp_path, {"run": "r"}, cfg, ["alp-agent", "train"])
+    finish_attempt(tmp_path, info, 61.0, 0)
+    info = start_attempt(tmp_path, {"run": "r"}, cfg, ["alp-agent", "train", "--resume"])
+    finish_attempt(tmp_path, info, 30.0, 0)
+    saved = json.loads((tmp_path / "run_info.json").read_text())
+    assert saved["weight_quantization"] == "int8" and saved["trainer_dtype"] == "float32"
+    assert saved["seconds"] == 91.0 and len(saved["attempts"]) == 2 and saved["cpu"]["model"]
