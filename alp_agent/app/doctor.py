@@ -133,7 +133,14 @@ def run_checks(cfg: RunConfig, prompts: int = 2, samples: int = 2) -> list[Check
         trainer = Trainer(model, cfg.trainer)
         hf = model.config
         n_params = sum(p.numel() for p in model.parameters())
-        checks = [_guard("machine", lambda: check_machine(cfg, n_params, hf.hidden_size, hf.num_hidden_layers))]
+        checks = [
+            _guard(
+                "machine",
+                lambda: check_machine(
+                    cfg, n_params, hf.hidden_size, hf.num_hidden_layers, trainer_dtype=trainer.cfg.update.dtype
+                ),
+            )
+        ]
         chat = ChatTemplate(comps.tokenizer)
         conv = env_conversation(comps.runner.env_fn)
         checks.append(_guard("template", lambda: check_template(chat, conv, Transcript)))
@@ -144,7 +151,7 @@ def run_checks(cfg: RunConfig, prompts: int = 2, samples: int = 2) -> list[Check
         def parity() -> Check:
             stats.update(parity_stats(*model_token_pairs(trajs, trainer_logprobs(trainer, trajs))))
             r = cfg.rollout
-            return check_parity(stats, cfg.engine.dtype, cfg.trainer.update.dtype, r.top_p, r.top_k)
+            return check_parity(stats, cfg.engine.dtype, trainer.cfg.update.dtype, r.top_p, r.top_k)
 
         checks.append(_guard("logprob parity", parity))
         p = cfg.trainer.algo.perturb
@@ -156,7 +163,7 @@ def run_checks(cfg: RunConfig, prompts: int = 2, samples: int = 2) -> list[Check
                     stats.get("kl_k3", float("nan")),
                     p.sigma0,
                     p.learnable,
-                    cfg.trainer.update.dtype,
+                    trainer.cfg.update.dtype,
                 ),
             )
         )
@@ -193,4 +200,9 @@ def run_doctor(cfg: RunConfig, as_json: bool = False, prompts: int = 2, samples:
     else:
         checks = run_checks(cfg, prompts, samples)
     print(report_json(checks) if as_json else format_report(checks), end="" if not as_json else "\n")
+    return exit_code(checks)
+
+
+def exit_code(checks: list[Check]) -> int:
+    """1 when any check failed (WARN and SKIP do not fail a run), else 0."""
     return 1 if any(c.status == FAIL for c in checks) else 0

@@ -78,7 +78,9 @@ def check_parity(
             "a mismatch this large at lr 0 usually means the trainer scores tokens under other sampling settings "
             "than the engine (temperature, top-p/top-k truncation) or with another dtype/kernel"
         )
-    if top_p < 1.0 or top_k > 0:
+    from alp_agent.train.episode_log import truncation_supported
+
+    if (top_p < 1.0 or top_k > 0) and not truncation_supported():
         details.append(
             f"top_p={top_p} top_k={top_k}: the engine's logprobs are renormalised over the kept tokens, the "
             "trainer's are not, so every token differs by the log of the kept mass"

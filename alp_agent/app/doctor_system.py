@@ -100,7 +100,7 @@ def estimate_peak_gib(n_params: int, cfg, hidden: int, layers: int) -> dict[str,
     in bf16 autocast; recomputed with activation checkpointing), the engine's weights in its dtype and its KV cache."""
     gib = 2**30
     train = 16 * n_params + (4 * n_params if cfg.trainer.algo.kl_coef > 0 else 0)
-    act_scale = 0.5 if cfg.trainer.update.dtype == "bfloat16" else 1.0
+    act_scale = 0.5 if cfg.trainer.update.dtype in ("bfloat16", "auto") else 1.0
     per_layer = 34 * cfg.trainer.update.micro_batch_tokens * hidden * act_scale
     act = per_layer * (1 if cfg.trainer.update.activation_checkpointing else layers)
     eng_bytes = 2 if cfg.engine.dtype in ("bfloat16", "float16") else 4
@@ -110,7 +110,10 @@ def estimate_peak_gib(n_params: int, cfg, hidden: int, layers: int) -> dict[str,
     return parts
 
 
-def check_machine(cfg, n_params: int, hidden: int, layers: int, flags: set[str] | None = None) -> Check:
+def check_machine(
+    cfg, n_params: int, hidden: int, layers: int, flags: set[str] | None = None, trainer_dtype: str | None = None
+) -> Check:
+    """trainer_dtype: the compute dtype the trainer resolved (`update.dtype: auto` picks per machine)."""
     import torch
 
     flags = cpu_flags() if flags is None else flags
@@ -124,13 +127,13 @@ def check_machine(cfg, n_params: int, hidden: int, layers: int, flags: set[str] 
         "cpus": os.cpu_count(),
         "cpu_bf16_flags": bf16,
         "engine_dtype": cfg.engine.dtype,
-        "trainer_dtype": cfg.trainer.update.dtype,
+        "trainer_dtype": trainer_dtype or cfg.trainer.update.dtype,
         "mem_available_gib": free,
         "estimated_peak_gib": peak,
         "gpus": gpus,
     }
     problems = []
-    uses_bf16 = "bfloat16" in (cfg.engine.dtype, cfg.trainer.update.dtype)
+    uses_bf16 = "bfloat16" in (cfg.engine.dtype, numbers["trainer_dtype"])
     if uses_bf16 and not bf16 and not gpus:
         problems.append("bfloat16 chosen but this CPU has no avx512_bf16/amx_bf16: bf16 math is emulated (slow)")
     status = WARN if problems else PASS
@@ -139,7 +142,7 @@ def check_machine(cfg, n_params: int, hidden: int, layers: int, flags: set[str] 
         problems.append(f"estimated peak {peak['total']:.1f} GiB exceeds the {free:.1f} GiB available")
     summary = (
         f"{os.cpu_count()} CPUs, bf16 support: {', '.join(bf16) or 'none'}; engine {cfg.engine.dtype}, trainer "
-        f"{cfg.trainer.update.dtype}; memory available {free if free is None else round(free, 1)} GiB vs estimated "
+        f"{numbers['trainer_dtype']} (update.dtype {cfg.trainer.update.dtype}); memory available {free if free is None else round(free, 1)} GiB vs estimated "
         f"peak {peak['total']:.1f} GiB; GPUs: {', '.join(gpus) or 'none'}"
     )
     return Check("machine", status, summary, numbers, problems)

@@ -195,9 +195,20 @@ def read_episodes(run_dir: str | Path) -> list[EpisodeLog]:
     return out
 
 
+def truncation_supported() -> bool:
+    """Whether the trainer's logprob path applies the engine's top-k/top-p truncation (then the trajectory's own
+    top_p/top_k are passed, as the trainer does)."""
+    import inspect
+
+    from alp_agent.train.logprobs import sequence_logprobs
+
+    return "top_p" in inspect.signature(sequence_logprobs).parameters
+
+
 def trainer_logprobs(trainer, trajs: Sequence[Trajectory]) -> tuple[list[list[float]], list[list[float]] | None]:
     """The trainer's clean (and, with ALP, perturbed) logprobs of each trajectory's completion tokens, one row at a
-    time under the update's dtype; the model's train/eval mode is restored. Cheap for the few logged episodes."""
+    time under the trainer's compute dtype (its resolved `update.dtype`) and the trajectory's sampling settings; the
+    model's train/eval mode is restored. Cheap for the few logged episodes."""
     import contextlib
 
     import torch
@@ -211,12 +222,15 @@ def trainer_logprobs(trainer, trajs: Sequence[Trajectory]) -> tuple[list[list[fl
     clean: list[list[float]] = []
     noisy: list[list[float]] | None = [] if pert is not None else None
 
+    truncation = truncation_supported()
+
     def run(t: Trajectory, noise: bool) -> list[float]:
         ids = torch.tensor([t.ids], device=device)
         model.train(noise)  # the perturbation hooks fire only in train mode inside active()
         ctx = pert.active(trainer.step, 0) if noise and pert is not None else contextlib.nullcontext()
+        kw: dict[str, Any] = {"top_p": float(t.top_p), "top_k": int(t.top_k)} if truncation else {}
         with torch.no_grad(), ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            lp, _ = sequence_logprobs(model, ids, None, float(t.temperature), start=max(1, len(t.prompt_ids)))
+            lp, _ = sequence_logprobs(model, ids, None, float(t.temperature), start=max(1, len(t.prompt_ids)), **kw)
         return lp[0, len(t.prompt_ids) :].float().cpu().tolist()
 
     try:

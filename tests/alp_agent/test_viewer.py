@@ -86,7 +86,9 @@ def test_trainer_logprobs_are_theta_old_clean_and_perturbed(tiny_model_dir, tiny
     from alp_agent.train.trainer import Trainer
 
     torch.manual_seed(0)
-    cfg = TrainerConfig.model_validate({"algo": {"name": "alp", "perturb": {"sigma0": 0.05}}})
+    cfg = TrainerConfig.model_validate(
+        {"algo": {"name": "alp", "perturb": {"sigma0": 0.05}}, "update": {"dtype": "float32"}}
+    )
     trainer = Trainer(load_model(tiny_model_dir, dtype=torch.float32), cfg)
     trajs = [two_turn_trajectory(tiny_tokenizer) for _ in range(3)]
     before = trainer.model.training
