@@ -40,14 +40,62 @@ def summarize(x: torch.Tensor, prefix: str, quantiles: tuple[float, ...] = QUANT
 
 
 def kl_stats(logp: torch.Tensor, ref: torch.Tensor, prefix: str) -> dict[str, float]:
-    """Token-mean k1 and k3 estimates of KL(pi_logp || pi_ref) over already-masked 1-D tensors of sampled tokens.
+    """Sound estimators of KL(ref || pi_logp) when the tokens were sampled from `ref` (docs/method.md "Divergence
+    estimators"): with r = pi/ref = exp(logp - ref) on ref's samples,
 
-    k1 = mean(logp - ref) is unbiased but noisy; k3 = mean(exp(ref-logp) - (ref-logp) - 1) >= 0 per token.
+        k1 = mean(-log r)          unbiased for KL(ref || pi), noisy, can read negative on few tokens
+        k3 = mean(r - 1 - log r)   unbiased for KL(ref || pi) too (E_ref[r] = 1), >= 0 per token, low variance
+
+    `logp`, `ref`: already-masked 1-D tensors of the sampled tokens' logprobs. The log-ratio is clamped to [-20, 20]
+    (like the loss's ratio) so one broken token cannot turn the metric into inf.
     """
     if logp.numel() == 0:
         return {}
-    x = (ref.double() - logp.double()).clamp(-20, 20)
-    return {f"{prefix}/k1": float((-x).mean()), f"{prefix}/k3": float((x.exp() - x - 1).mean())}
+    lr = (logp.double() - ref.double()).clamp(-20, 20)
+    return {f"{prefix}/k1": float((-lr).mean()), f"{prefix}/k3": float((lr.exp() - 1 - lr).mean())}
+
+
+def ess(log_w: torch.Tensor) -> float:
+    """Normalised effective sample size (sum w)^2 / (n sum w^2) in (0, 1] of weights given by their logs (computed
+    after subtracting the max, so huge weights stay finite). For w = pi/mu on mu's samples it tends to 1/(1 + chi2)."""
+    lw = log_w.detach().double().flatten()
+    lw = lw[torch.isfinite(lw)]
+    if lw.numel() == 0:
+        return float("nan")
+    w = (lw - lw.max()).exp()
+    return float(w.sum() ** 2 / (lw.numel() * (w * w).sum()))
+
+
+def divergence_stats(
+    logp: torch.Tensor, logmu: torch.Tensor, prefix: str, seq_log_w: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Everything the spec asks of a policy pi against the sampler mu, on mu's sampled tokens (1-D, masked):
+    k1 and k3 of KL(mu || pi) (see `kl_stats`), chi2(pi || mu) = mean(r^2) - 1, and the normalised ESS of the token
+    weights r and, when `seq_log_w` (one log-weight per sequence) is given, of the sequence weights."""
+    m = kl_stats(logp, logmu, prefix)
+    if not m:
+        return m
+    lr = (logp.double() - logmu.double()).clamp(-20, 20)
+    m[f"{prefix}/chi2"] = float((2 * lr).exp().mean() - 1)
+    m[f"{prefix}/ess_token"] = ess(lr)
+    if seq_log_w is not None and seq_log_w.numel():
+        m[f"{prefix}/ess_seq"] = ess(seq_log_w)
+    return m
+
+
+@torch.no_grad()
+def exact_kl(
+    p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float = 1.0, chunk: int = 256
+) -> torch.Tensor:
+    """Exact KL(p || q) over the vocabulary at every position: sum_v p_v (log p_v - log q_v), from (N, V) logits
+    (divided by the sampling temperature, softmax in float32), `chunk` positions at a time so only a few (chunk, V)
+    float32 tensors are alive. Returns (N,) float64."""
+    out = []
+    for i in range(0, p_logits.shape[0], chunk):
+        lp = torch.log_softmax(p_logits[i : i + chunk].float() / temperature, dim=-1)
+        lq = torch.log_softmax(q_logits[i : i + chunk].float() / temperature, dim=-1)
+        out.append((lp.exp() * (lp - lq)).sum(-1).clamp(min=0).double())
+    return torch.cat(out) if out else p_logits.new_zeros(0, dtype=torch.float64)
 
 
 def mean_over(values: list[dict[str, float]]) -> dict[str, float]:
