@@ -148,18 +148,29 @@ def test_policy_loss_every_algorithm_by_hand():
     assert torch.allclose(t.loss, T([[-math.exp(0.2), -math.exp(-0.1)]]))
     with pytest.raises(ValueError):
         _loss("grpo", logp, inf, m, adv)
-    # TIS token: weight min(exp(old - inf), 2) = [min(e^0.3, 2), e^0.1]
-    t, _ = _loss("tis", logp, inf, m, adv, old=old)
-    w = T([[math.exp(0.3), math.exp(0.1)]])
-    assert torch.allclose(t.loss, T([[-math.exp(0.2), -math.exp(-0.1)]]) * w)
-    # MIS token C=2: log w = [0.3, 0.1] both inside [-0.69, 0.69] -> kept; C=1.2 (log 0.182) drops token 0
-    _, mk = _loss("mis", logp, inf, m, adv, old=old)
-    assert mk.tolist() == [[True, True]]
-    _, mk = _loss("mis", logp, inf, m, adv, old=old, is_threshold=1.2)
-    assert mk.tolist() == [[False, True]]
-    # GSPO: geometric sequence ratio vs old: (0.2 - 0.1) / 2 = 0.05 -> rho = e^0.05, band [1-3e-4, 1+4e-4] -> clipped
+    grpo = T([[-math.exp(0.2), -math.exp(-0.1)]])
+    # TIS default (sequence level, C = 5): w = min(exp(0.3 + 0.1), 5) = e^0.4 on both tokens
+    t, mk = _loss("tis", logp, inf, m, adv, old=old)
+    assert torch.allclose(t.loss, grpo * math.exp(0.4)) and torch.equal(mk, m)
+    # TIS token, C = 1.2: w = [min(e^0.3, 1.2), e^0.1] = [1.2, 1.105]
+    t, _ = _loss("tis", logp, inf, m, adv, old=old, is_level="token", is_threshold=1.2)
+    assert torch.allclose(t.loss, grpo * T([[1.2, math.exp(0.1)]]))
+    # MIS default (sequence, C = 5, lower 0, mask mode keeps the weight): loss x e^0.4, nothing rejected
+    t, mk = _loss("mis", logp, inf, m, adv, old=old)
+    assert torch.allclose(t.loss, grpo * math.exp(0.4)) and torch.equal(mk, m) and t.kept.all()
+    # C = 1.2 < e^0.4 = 1.49: the whole sequence gets weight 0 (the normaliser keeps its tokens)
+    t, mk = _loss("mis", logp, inf, m, adv, old=old, is_threshold=1.2)
+    assert torch.equal(t.loss, T([[0.0, 0.0]])) and torch.equal(mk, m) and not t.kept.any()
+    # Token-MIS: per-token w = [e^0.3, e^0.1] = [1.35, 1.105]; C = 1.2 zeroes token 0 and keeps w on token 1
+    t, _ = _loss("mis", logp, inf, m, adv, old=old, is_level="token", is_threshold=1.2)
+    assert torch.allclose(t.loss, grpo * T([[0.0, math.exp(0.1)]]))
+    # reject variant (the former MIS): 0/1 mask on the band [1/C, C], no weight
+    t, mk = _loss("mis", logp, inf, m, adv, old=old, is_mode="reject", is_level="token", is_threshold=1.2)
+    assert mk.tolist() == [[0.0, 1.0]] and torch.allclose(t.loss * mk, grpo * mk)
+    # GSPO: geometric sequence ratio vs old: (0.2 - 0.1) / 2 = 0.05 -> rho = e^0.05, band [1-3e-4, 1+4e-4] -> clipped;
+    # then the sequence rollout weight e^0.4 <= 5 (mask mode keeps it)
     t, _ = _loss("gspo", logp, inf, m, adv, old=old)
-    assert torch.allclose(t.loss, T([[-(1 + 4e-4)] * 2]))
+    assert torch.allclose(t.loss, T([[-(1 + 4e-4) * math.exp(0.4)] * 2]))
     assert t.clip_upper.all()
 
 
@@ -172,6 +183,16 @@ def test_config_resolution_and_validation():
         AlgoConfig(bogus=1)
     with pytest.raises(ValueError):
         AlgoConfig(dual_clip=0.5)
+    assert AlgoConfig(dual_clip=0).dual_clip_c is None and AlgoConfig().dual_clip_c == 3.0
+    g, gs, a = AlgoConfig(name="grpo"), AlgoConfig(name="gspo"), AlgoConfig()
+    assert (g.eps_low, g.eps_high, g.dual_clip_c, g.is_correction) == (0.2, 0.28, 3.0, "none")
+    assert (gs.eps_low, gs.eps_high, gs.dual_clip_c, gs.is_correction, gs.is_upper) == (3e-4, 4e-4, 100.0, "mask", 5.0)
+    assert (a.eps_low, a.eps_high, a.is_correction) == (0.5, 3.0, "none")
+    m = AlgoConfig(name="mis")
+    assert (m.is_correction, m.is_granularity, m.is_upper, m.is_lower) == ("mask", "sequence", 5.0, 0.0)
+    assert AlgoConfig(name="mis", is_mode="reject", is_threshold=2.0).is_lower == 0.5
+    with pytest.raises(ValueError):
+        AlgoConfig(name="alp", is_mode="mask")
     for name, field in TrainerConfig.model_fields.items():
         assert field.description, name
     for model in (AlgoConfig, TrainerConfig().optim.__class__, TrainerConfig().update.__class__):
