@@ -222,3 +222,15 @@ def test_exit_code_is_1_on_any_fail_only():
     assert exit_code([*checks, Check("d", FAIL, "broken")]) == 1
     text = format_report([*checks, Check("d", FAIL, "broken")])
     assert "FAIL  d" in text and "      - why" in text and text.strip().endswith("-> FAIL")
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_doctor_passes_on_the_shipped_quickstart(capsys):
+    """The embedded SmolLM2 with the quickstart's bf16 engine, trainer, env and sandbox: exit 0 (1.5 min on 2 CPUs)."""
+    from alp_agent.app.cli import main
+
+    assert main(["doctor", "-c", str(REPO / "configs/quickstart.yaml"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    parity = next(c for c in report["checks"] if c["name"] == "logprob parity")
+    assert 0 < parity["numbers"]["mean_abs"] < 2 * parity["numbers"]["expected_mean_abs"]
