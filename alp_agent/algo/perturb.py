@@ -49,6 +49,30 @@ def gaussian(shape: torch.Size, seed: int, device: torch.device, dtype: torch.dt
     return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
 
 
+class RowNoise:
+    """eps keyed per (row, position) instead of by the tensor's shape: each trajectory (row key) draws its own
+    (length, hidden) block from noise_seed(base, step, ROW_KEY + key, layer, rank) and it lands wherever the
+    trajectory sits in the micro-batch (segments: (model row, offset, length, key)), so a packed micro-batch and a
+    padded one, or any other split into micro-batches, see the same noise at the same token. Positions outside every
+    segment (padding) get none."""
+
+    ROW_KEY = 1 << 40  # keeps the row-keyed streams apart from the (step, micro) ones
+
+    def __init__(self, base: int, step: int, layer: int, rank: int, segments: list[tuple[int, ...]]) -> None:
+        self.base, self.step, self.layer, self.rank, self.segments = base, step, layer, rank, segments
+
+    def draw(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        eps = torch.zeros(shape, device=device)
+        for b, off, n, key in (s[:4] for s in self.segments):
+            seed = noise_seed(self.base, self.step, self.ROW_KEY + key, self.layer, self.rank)
+            eps[b, off : off + n] = gaussian(torch.Size((n, *shape[2:])), seed, device, torch.float32)
+        return eps
+
+
+def _eps(shape: torch.Size, seed: int | RowNoise, device: torch.device) -> torch.Tensor:
+    return seed.draw(shape, device) if isinstance(seed, RowNoise) else gaussian(shape, seed, device, torch.float32)
+
+
 class _AddNoise(torch.autograd.Function):
     """y = h + exp(s) * scale * eps(seed), with eps regenerated in backward instead of saved.
 
@@ -58,7 +82,7 @@ class _AddNoise(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, log_sigma: torch.Tensor, scale: torch.Tensor | None, seed: int) -> torch.Tensor:
-        eps = gaussian(h.shape, seed, h.device, torch.float32)
+        eps = _eps(h.shape, seed, h.device)
         sigma = log_sigma.float().exp()
         noise = sigma * eps if scale is None else sigma * scale.float() * eps
         ctx.seed, ctx.shape, ctx.has_scale = seed, h.shape, scale is not None
@@ -70,7 +94,7 @@ class _AddNoise(torch.autograd.Function):
         log_sigma, scale = ctx.saved_tensors
         grad_s = None
         if ctx.needs_input_grad[1]:
-            eps = gaussian(ctx.shape, ctx.seed, g.device, torch.float32)
+            eps = _eps(ctx.shape, ctx.seed, g.device)
             ge = g.float() * eps
             if ctx.has_scale:
                 ge = ge * scale.float()
@@ -172,7 +196,7 @@ class LayerPerturbation(nn.Module):
             self.log_sigma = nn.Parameter(init)
         else:
             self.register_buffer("log_sigma", init)
-        self._state: tuple[int, int] | None = None  # (step, micro) while active
+        self._state: tuple[int, int, list | None] | None = None  # (step, micro, row segments) while active
         self._handles = []
         for k, mod in enumerate(modules):
             if target == "layers":
@@ -185,8 +209,10 @@ class LayerPerturbation(nn.Module):
     def _on(self, module: nn.Module) -> bool:
         return self._state is not None and module.training
 
-    def _seed(self, k: int) -> int:
-        step, micro = self._state  # type: ignore[misc]
+    def _seed(self, k: int) -> int | RowNoise:
+        step, micro, segments = self._state  # type: ignore[misc]
+        if segments is not None:
+            return RowNoise(self.seed, step, self.layer_ids[k], self.rank, segments)
         return noise_seed(self.seed, step, micro, self.layer_ids[k], self.rank)
 
     def _make_pre_hook(self, k: int):
@@ -212,9 +238,10 @@ class LayerPerturbation(nn.Module):
 
     # ---- public ----
     @contextlib.contextmanager
-    def active(self, step: int, micro: int) -> Iterator[None]:
-        """Noise on for training forwards (and their backward, for checkpoint recompute) inside this block."""
-        prev, self._state = self._state, (int(step), int(micro))
+    def active(self, step: int, micro: int, segments: list[tuple[int, ...]] | None = None) -> Iterator[None]:
+        """Noise on for training forwards (and their backward, for checkpoint recompute) inside this block.
+        segments (a collated micro-batch's): eps keyed per (row, position) (RowNoise), else per (micro, shape)."""
+        prev, self._state = self._state, (int(step), int(micro), segments)
         try:
             yield
         finally:

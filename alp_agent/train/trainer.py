@@ -54,7 +54,7 @@ from alp_agent.train.batching import (
 )
 from alp_agent.train.calibrate import maybe_calibrate
 from alp_agent.train.gradients import prepare_gradients
-from alp_agent.train.hardware import resolve_compute_dtype
+from alp_agent.train.hardware import with_compute_dtype
 from alp_agent.train.logprobs import chunk_tokens_for, microbatch_logprobs
 from alp_agent.train.metrics import episode_metrics, mean_over
 from alp_agent.train.noise_kl import record_noise_kl
@@ -86,8 +86,7 @@ class Trainer(TrainerState):
         self.model = model
         self.device = next(model.parameters()).device
         self.writer = writer
-        dt, self.dtype_reason = resolve_compute_dtype(self.cfg.update.dtype, self.device.type)
-        self.cfg = self.cfg.model_copy(update={"update": self.cfg.update.model_copy(update={"dtype": dt})})
+        self.cfg, self.dtype_reason = with_compute_dtype(self.cfg, self.device.type)  # update.dtype auto resolved
         a, u = self.cfg.algo, self.cfg.update
         if next(model.parameters()).dtype != torch.float32:
             raise ValueError("Trainer expects float32 master weights; use update.dtype='bfloat16' for bf16 compute")
@@ -161,8 +160,9 @@ class Trainer(TrainerState):
         finally:
             model.train(was_training)
 
-    def _noise(self, micro: int):
-        return self.perturbation.active(self.step, micro) if self.perturbation is not None else contextlib.nullcontext()
+    def _noise(self, micro: int, segments: list | None = None):
+        p = self.perturbation
+        return p.active(self.step, micro, segments) if p is not None else contextlib.nullcontext()
 
     def _fill_clean(self, rows: list[Row], attr: str, model: nn.Module) -> None:
         """Clean logprobs of every row into `row.<attr>`; under torchrun each rank computes its share and the
@@ -233,7 +233,7 @@ class Trainer(TrainerState):
                 stats.add_clean(clean_lp, clean_ent, valid)
             if j == 0:  # the noise's exact KL(clean || perturbed), on a few rows
                 record_noise_kl(self, mb.padded(), j, stats)
-        with self._noise(j), self._grad_sync(last):
+        with self._noise(j, mb.segments), self._grad_sync(last):
             with self._autocast():
                 want_ent = a.entropy_coef > 0 or clean_from_train
                 logp, ent = microbatch_logprobs(self.forward_model, mb, want_ent, a.entropy_coef > 0, self.chunk_tokens)

@@ -1,0 +1,95 @@
+"""What the machine can do fast: CPU capability flags, the compute dtype they call for, and the memory floor.
+
+Why: bf16 matmuls are ~4x *faster* than fp32 on a CPU with native bf16 (avx512_bf16 / AMX) and ~4x *slower* on one
+without it (oneDNN then emulates bf16 through fp32 conversions). `update.dtype: auto` picks per machine, and the
+choice is a pure function of the flags (tested) so a log line can say why.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that still allow native bf16 kernels; lower caps (AVX512_CORE, AVX2, ...)
+# make oneDNN behave like a CPU without bf16, which is how the no-bf16 case is imitated on a bf16 machine.
+_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10_1_512", "AVX10_2_512", "ALL", "DEFAULT")
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU feature flags of the first processor in /proc/cpuinfo (empty where there is no such file)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16(flags: frozenset[str], onednn_max_isa: str | None = None) -> tuple[bool, str]:
+    """(has native bf16 matmuls, why). onednn_max_isa: the ONEDNN_MAX_CPU_ISA cap, if any (a cap below
+    AVX512_CORE_BF16 disables the bf16 kernels even on a bf16 CPU)."""
+    have = [f for f in _BF16_FLAGS if f in flags]
+    if not have:
+        return False, "CPU lacks avx512_bf16/amx_bf16 (bf16 would be emulated, ~4x slower than fp32)"
+    isa = (onednn_max_isa or "").strip().upper()
+    if isa and not isa.startswith(_BF16_ISAS):
+        return False, f"CPU has {'+'.join(have)} but ONEDNN_MAX_CPU_ISA={isa} caps oneDNN below bf16"
+    return True, f"CPU has {'+'.join(have)}"
+
+
+def choose_compute_dtype(
+    requested: str, device_type: str, flags: frozenset[str], onednn_max_isa: str | None = None
+) -> tuple[str, str]:
+    """The trainer's compute dtype ('float32' | 'bfloat16') for `update.dtype` and why. Pure: no probing.
+
+    auto: bfloat16 on a GPU or a CPU with native bf16, float32 otherwise. An explicit dtype is kept (forced)."""
+    if requested != "auto":
+        return requested, f"update.dtype={requested} set in the config"
+    if device_type == "cuda":
+        return "bfloat16", "auto: GPU (bf16 tensor cores)"
+    ok, why = native_bf16(flags, onednn_max_isa)
+    return ("bfloat16" if ok else "float32"), f"auto: {why}"
+
+
+def resolve_compute_dtype(requested: str, device_type: str) -> tuple[str, str]:
+    """choose_compute_dtype for this machine (reads /proc/cpuinfo and ONEDNN_MAX_CPU_ISA)."""
+    return choose_compute_dtype(requested, device_type, cpu_flags(), os.environ.get("ONEDNN_MAX_CPU_ISA"))
+
+
+@dataclass(frozen=True)
+class MemoryFloor:
+    """The bytes a job cannot do without: trainer weights, gradients and AdamW moments (fp32), the engine's
+    weights and its KV cache. Activations, the Python runtime and libraries come on top."""
+
+    params: int
+    trainer_bytes: int
+    engine_bytes: int
+    kv_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.trainer_bytes + self.engine_bytes + self.kv_bytes
+
+    def describe(self) -> str:
+        g = 1024**3
+        return (
+            f"memory floor {self.total_bytes / g:.2f} GiB = trainer fp32 weights+grads+AdamW "
+            f"{self.trainer_bytes / g:.2f} + engine weights {self.engine_bytes / g:.2f} + KV cache {self.kv_bytes / g:.2f}"
+            f" ({self.params / 1e6:.1f}M params)"
+        )
+
+
+def memory_floor(params: int, engine_dtype_bytes: int, kv_gib: float, extra_param_copies: int = 0) -> MemoryFloor:
+    """fp32 weights + grads + 2 AdamW moments = 16 bytes/param (+4 per extra fp32 copy, e.g. a reference model)."""
+    return MemoryFloor(
+        params, params * (16 + 4 * extra_param_copies), params * engine_dtype_bytes, int(kv_gib * 1024**3)
+    )
+
+
+def with_compute_dtype(cfg, device_type: str):
+    """(a copy of the TrainerConfig with update.dtype resolved, the reason): what the trainer runs and logs."""
+    dt, why = resolve_compute_dtype(cfg.update.dtype, device_type)
+    return cfg.model_copy(update={"update": cfg.update.model_copy(update={"dtype": dt})}), why
