@@ -108,14 +108,7 @@ def run_checks(cfg: RunConfig, prompts: int = 2, samples: int = 2) -> list[Check
     """Build the run's parts (sandbox, engine, tokenizer, rollout, trainer) and run every check."""
     import torch
 
-    from alp_agent.app.doctor_numbers import (
-        check_noise,
-        check_parity,
-        model_token_pairs,
-        noise_kl_by_group,
-        parity_stats,
-        trainer_logprobs,
-    )
+    from alp_agent.app.doctor_numbers import check_parity, model_token_pairs, parity_stats, trainer_logprobs
     from alp_agent.app.doctor_system import check_machine, check_sandbox
     from alp_agent.app.job import build_inference
     from alp_agent.models import load_model
@@ -154,23 +147,25 @@ def run_checks(cfg: RunConfig, prompts: int = 2, samples: int = 2) -> list[Check
             return check_parity(stats, cfg.engine.dtype, trainer.cfg.update.dtype, r.top_p, r.top_k)
 
         checks.append(_guard("logprob parity", parity))
-        p = cfg.trainer.algo.perturb
-        checks.append(
-            _guard(
-                "ALP noise",
-                lambda: check_noise(
-                    noise_kl_by_group(trainer, trajs) if trainer.perturbation is not None else None,
-                    stats.get("kl_k3", float("nan")),
-                    p.sigma0,
-                    p.learnable,
-                    trainer.cfg.update.dtype,
-                ),
-            )
-        )
+        checks.append(_guard("ALP noise", lambda: _noise_check(cfg, trainer, trajs, stats.get("kl_k3", float("nan")))))
         checks.append(_guard("sandbox", lambda: check_sandbox(comps.sandbox, cfg.sandbox.timeout_s)))
         return checks
     finally:
         comps.close()
+
+
+def _noise_check(cfg: RunConfig, trainer, trajs, mismatch_kl: float) -> Check:
+    """The noise at the sigma the trainer starts with (its log-sigmas: sigma0, or 1e-3 before 'auto' calibrates)."""
+    from alp_agent.app.doctor_numbers import check_noise, noise_kl_by_group
+
+    p = cfg.trainer.algo.perturb
+    if trainer.perturbation is None:
+        return check_noise(None, mismatch_kl, 0.0, p.learnable)
+    sigma = float(trainer.perturbation.sigmas().mean())
+    c = check_noise(noise_kl_by_group(trainer, trajs), mismatch_kl, sigma, p.learnable, trainer.cfg.update.dtype)
+    if p.sigma0 == "auto":
+        c.details.append("sigma0 is 'auto': the trainer calibrates σ to the measured mismatch on its first batch")
+    return c
 
 
 def format_report(checks: list[Check]) -> str:
