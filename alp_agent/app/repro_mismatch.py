@@ -82,7 +82,7 @@ def measure_regimes(plan, cfg_path: Path, out_dir: Path, seed: int = 0, log=prin
 
     results: dict[str, Any] = {}
     for name, overrides in plan.settings.items():
-        items = {**plan.overrides, **overrides, "run.seed": seed, "trainer.algo.name": "bypass"}
+        items = {**plan.overrides, **overrides, "run.seed": seed, "trainer.algo.name": "bypass", **plan.pinned}
         cfg = load_config(RunConfig, cfg_path, [f"{k}={json.dumps(v)}" for k, v in items.items()])
         log(f"mismatch: {name} (engine {cfg.engine.dtype}, weights {cfg.engine.weight_quantization})")
         results[name] = {

@@ -80,11 +80,12 @@ def plot_group(
     )
     if kl_threshold is not None:
         axes[1].axhline(kl_threshold, color="grey", linestyle=":", label="spike threshold")
-    axes[1].set(title="clean train-vs-engine KL(mu||pi) (k3)", xlabel="optimizer step", yscale="log")
+    axes[1].set(title="clean train-vs-engine KL(μ‖π) (k3)", xlabel="optimizer step", yscale="log")
     axes[2].set(title="reward (line) and held-out accuracy (markers)", xlabel="rollout batch")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle(f"{g.name} / {setting}")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -135,9 +135,34 @@ def test_repro_end_to_end_on_tiny_model_keeps_finished_runs(tiny_model_dir, tmp_
         assert json.loads((out / "runs" / name / "summary.json").read_text())["accuracy_after"] is not None
     table = (out / "plan.md").read_text()
     assert "| seq_alp | 1/1 |" in table and "| grpo | 1/1 |" in table
+    info = json.loads((out / "runs" / "stale2_grpo_s0" / "run_info.json").read_text())
+    assert (info["engine_dtype"], info["trainer_dtype"], info["weight_quantization"]) == ("bfloat16", "float32", "none")
+    assert info["cpu"]["model"] and info["cpu"]["flags"] and info["attempts"][0]["exit"] == 0 and info["seconds"] > 0
     before = (out / "runs" / "stale2_grpo_s0" / "metrics.jsonl").stat().st_mtime
     capsys.readouterr()
     assert main(["repro", "-c", str(plan), *small]) == 0
     assert capsys.readouterr().out.count("done, kept") == 2
     assert (out / "runs" / "stale2_grpo_s0" / "metrics.jsonl").stat().st_mtime == before
     assert (out / "commands.txt").read_text().splitlines() == [f"alp-agent repro -c {plan} " + " ".join(small)] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_mismatch_per_regime_on_tiny_model(tiny_model_dir, tmp_path):
+    from alp_agent.app.repro_mismatch import measure_regimes
+
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(
+        f"config: {PLANS / 'base.yaml'}\nout_dir: {tmp_path}\narms: {{b: {{trainer.algo.name: bypass}}}}\n"
+        "settings: {bf16: {engine.weight_quantization: none}, int8: {engine.weight_quantization: int8}}\n"
+        "groups: [{name: g, arms: [b], settings: [bf16, int8]}]\n"
+    )
+    small = [f"engine.model={tiny_model_dir}", "run.prompts_per_batch=2", "run.samples_per_prompt=2"]
+    plan, cfg = load_plan(plan_file, [*small, "rollout.max_tokens_per_turn=16", "engine.max_model_len=1024"])
+    md = measure_regimes(plan, cfg, tmp_path, log=lambda *_: None)
+    res = json.loads((tmp_path / "mismatch.json").read_text())
+    assert [res[k]["weight_quantization"] for k in ("bf16", "int8")] == ["none", "int8"]
+    for r in res.values():
+        assert r["tokens"] > 0 and r["kl_k3"] >= 0 and r["ratio_max"] >= r["ratio_p99_9"] >= r["ratio_p99"] > 0
+        assert (r["engine_dtype"], r["trainer_dtype"]) == ("bfloat16", "float32")  # pinned by default
+    assert "| int8 | bfloat16 | int8 | float32 |" in md.read_text()
