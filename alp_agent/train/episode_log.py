@@ -245,10 +245,13 @@ def trainer_logprobs(trainer, trajs: Sequence[Trajectory]) -> tuple[list[list[fl
 
 def log_sampled_episodes(run_dir: str | Path, batch: int, trajs: Sequence[Trajectory], tokenizer, trainer, n: int):
     """The training job's hook before each update (the trainer is at theta_old): log `n` episodes with the trainer's
-    logprobs, computed here for those episodes only (trainer=None: engine logprobs only)."""
+    logprobs, computed here for those episodes only (trainer=None, or an FSDP2-sharded trainer: engine logprobs
+    only)."""
     chosen = choose_episodes(len(trajs), n)
     if not chosen:
         return 0
+    if trainer is not None and getattr(trainer, "sharded", False):
+        trainer = None  # FSDP2: a forward on rank 0 alone would wait for the other ranks' shards forever
     clean_c, noisy_c = trainer_logprobs(trainer, [trajs[i] for i in chosen]) if trainer is not None else ([], None)
     clean: list[list[float] | None] = [None] * len(trajs)
     noisy: list[list[float] | None] = [None] * len(trajs)
