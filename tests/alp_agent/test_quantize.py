@@ -109,14 +109,14 @@ def _kl_vs_trainer(engine, hf_model) -> tuple[dict[str, float], list]:
 
 
 @pytest.mark.vllm
-def test_int8_engine_has_a_larger_mismatch_than_bf16(tiny_model_dir):
+def test_quantized_engines_have_a_larger_mismatch_than_bf16(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from alp_agent.engine.vllm_engine import VLLMEngine
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     stats, gens = {}, {}
-    for mode in ("none", "int8"):
+    for mode in ("none", "int8", "fp8"):
         eng = VLLMEngine(model=tiny_model_dir, dtype="bfloat16", max_model_len=512, seed=0, weight_quantization=mode)
         try:
             stats[mode], gens[mode] = _kl_vs_trainer(eng, hf)
@@ -129,6 +129,7 @@ def test_int8_engine_has_a_larger_mismatch_than_bf16(tiny_model_dir):
     first_lp = {m: [g.logprobs[0] for g in gens[m]] for m in gens}
     assert first_lp["none"] != first_lp["int8"]  # same prompts and seed, another sampling distribution
     assert stats["int8"]["kl_k3"] > 2 * stats["none"]["kl_k3"] > 0, stats
+    assert stats["fp8"]["kl_k3"] > 2 * stats["none"]["kl_k3"], stats  # e4m3's 3 mantissa bits: coarser still
     print({m: round(s["kl_k3"], 6) for m, s in stats.items()})  # chi2 on ~400 tokens is too noisy to compare
     # after load_weights the int8 engine is the same int8 policy as at start (not the unquantized one)
     assert [g.token_ids for g in regen] == [g.token_ids for g in gens["int8"]]
