@@ -80,3 +80,20 @@ def test_exact_kl_matches_direct_sum_in_chunks():
     log_mu, log_pi = distributions()
     kl, _ = exact_values(log_mu, log_pi)
     assert float(exact_kl(log_mu[None], log_pi[None])[0]) == pytest.approx(kl, rel=1e-5)  # float32 softmax
+
+
+def test_legacy_correction_recovers_the_sound_estimators_from_old_logs():
+    """results/repro's old step records hold k1' = mean(log pi - log mu) and the ratio's mean/std/count: the sound
+    k1, k3, chi2 and ESS follow from them exactly (alp_agent.app.repro_legacy)."""
+    from alp_agent.app.repro_legacy import corrected_step
+    from alp_agent.train.metrics import summarize
+
+    log_mu, log_pi = distributions()
+    logp, logmu = samples(log_mu, log_pi)
+    logp, logmu = logp[:5000], logmu[:5000]
+    lr = logp - logmu
+    rec = {"kl_train_infer/noisy/k1": float(lr.mean()), "tokens": float(lr.numel())}
+    rec.update(summarize(lr.exp(), "ratio_token_vs_infer"))
+    got, want = corrected_step(rec), divergence_stats(logp, logmu, "d")
+    for k, w in (("k1", "d/k1"), ("k3", "d/k3"), ("chi2", "d/chi2"), ("ess", "d/ess_token")):
+        assert got[k] == pytest.approx(want[w], rel=1e-9, abs=1e-12), k
