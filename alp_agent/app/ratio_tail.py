@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from alp_agent.train.episode_log import EpisodeLog
 
 QUANTILES = (0.01, 0.5, 0.99, 0.999)
-FIRST_AFTER_TOOL = 8  # "the first tokens after a tool observation": this many model tokens of every turn >= 2
+FIRST_AFTER_TOOL = 8  # "the first tokens after a tool observation": this many model tokens after each one
 
 
 @dataclass
@@ -23,9 +23,9 @@ class TailRow:
 
     group: str
     tokens: int
-    quantiles: dict[str, float]  # "p1", "p50", "p99", "p99.9" of r
+    quantiles: dict[str, float]  # "p1", "p50", "p99", "p99.9", "max" of r (the ones known)
     ess: float  # normalised effective sample size (sum r)^2 / (n sum r^2), in (0, 1]; 1 = all ratios equal
-    mean_abs_log_ratio: float
+    mean_abs_log_ratio: float  # nan where unknown (the trainer's metrics do not carry it)
 
 
 def quantile(sorted_xs: Sequence[float], q: float) -> float:
@@ -48,27 +48,31 @@ def tail_row(group: str, log_ratios: Iterable[float]) -> TailRow | None:
         return None
     rs = sorted(math.exp(max(min(x, 50.0), -50.0)) for x in lrs)
     qs = {f"p{q * 100:g}": quantile(rs, q) for q in QUANTILES}
+    qs["max"] = rs[-1]
     return TailRow(group, len(rs), qs, normalized_ess(rs), sum(abs(x) for x in lrs) / len(lrs))
 
 
 def model_token_groups(e: EpisodeLog, which: str = "clean") -> dict[str, list[float]]:
     """Log-ratios (trainer `which` - engine) of one episode's model tokens, keyed by 'turn N' and by
-    'first K after tool' / 'rest'. Empty when the episode has no trainer logprobs of that kind."""
+    'first K after tool' (the first K model tokens after a tool/env observation, as the trainer's tail metrics
+    define them) / 'other model tokens'. Empty when the episode has no trainer logprobs of that kind."""
     train = e.tokens.clean if which == "clean" else e.tokens.noisy
     if train is None:
         return {}
+    turn_of = {i: k for k, (a, b) in enumerate(e.turn_spans or [(0, len(e.tokens.ids))], start=1) for i in range(a, b)}
     out: dict[str, list[float]] = {}
-    spans = e.turn_spans or [(0, len(e.tokens.ids))]
-    for k, (a, b) in enumerate(spans, start=1):
-        for pos, i in enumerate(range(a, min(b, len(train)))):
-            if e.tokens.roles[i] != "model":
-                continue
-            lr = train[i] - e.tokens.engine[i]
-            out.setdefault(f"turn {k}", []).append(lr)
-            where = (
-                f"first {FIRST_AFTER_TOOL} after tool" if k >= 2 and pos < FIRST_AFTER_TOOL else "other model tokens"
-            )
-            out.setdefault(where, []).append(lr)
+    since_obs: int | None = None
+    for i, role in enumerate(e.tokens.roles[: len(train)]):
+        if role == "tool":
+            since_obs = 0
+        if role != "model":
+            continue
+        lr = train[i] - e.tokens.engine[i]
+        out.setdefault(f"turn {turn_of.get(i, 1)}", []).append(lr)
+        head = since_obs is not None and since_obs < FIRST_AFTER_TOOL
+        out.setdefault(f"first {FIRST_AFTER_TOOL} after tool" if head else "other model tokens", []).append(lr)
+        if since_obs is not None:
+            since_obs += 1
     return out
 
 
@@ -82,3 +86,22 @@ def tail_table(episodes: Sequence[EpisodeLog], which: str = "clean") -> list[Tai
     rest = [g for g in (f"first {FIRST_AFTER_TOOL} after tool", "other model tokens") if g in acc]
     rows = [tail_row(g, acc[g]) for g in turns + rest]
     return [r for r in rows if r is not None]
+
+
+def metrics_tail(batch_records: Sequence[dict]) -> tuple[int, list[TailRow]] | None:
+    """The trainer's own tail panel (`tail/turn_k/*`, `tail/after_obsK/*`, `tail/rest/*` in metrics.jsonl: every
+    model token of the batch, training forward vs engine) of the last batch that has one; None when absent."""
+    last = next((r for r in reversed(batch_records) if any(str(k).startswith("tail/") for k in r)), None)
+    if last is None:
+        return None
+    groups = sorted({k.split("/")[1] for k in last if k.startswith("tail/")})
+    turns = sorted((g for g in groups if g.startswith("turn_")), key=lambda g: int(g.split("_")[1]))
+    rest = [g for g in groups if g.startswith("after_obs")] + [g for g in groups if g == "rest"]
+    rows = []
+    for g in turns + rest:
+        v = {k.split("/", 2)[2]: x for k, x in last.items() if k.startswith(f"tail/{g}/")}
+        name = f"turn {int(g.split('_')[1]) + 1}" if g.startswith("turn_") else g.replace("after_obs", "first ")
+        name = f"{name} after tool" if g.startswith("after_obs") else ("other model tokens" if g == "rest" else name)
+        qs = {q.replace("_", "."): float(v[q]) for q in ("p50", "p99", "p99_9", "max") if q in v}
+        rows.append(TailRow(name, int(v.get("tokens", 0)), qs, float(v.get("ess", float("nan"))), float("nan")))
+    return int(last.get("step", 0)), rows

@@ -15,7 +15,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from alp_agent.app.ratio_tail import TailRow, tail_table
+from alp_agent.app.ratio_tail import TailRow, metrics_tail, tail_table
 from alp_agent.train.episode_log import EpisodeLog, read_episodes
 
 ROLE_COLOURS = {"model": "#cfe3ff", "tool": "#d6f5d6", "template": "#e4e4e4"}
@@ -122,30 +122,36 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+COLUMNS = ("p1", "p50", "p99", "p99.9", "max")
+
+
 def tail_plots(tables: dict[str, list[TailRow]]) -> list[str]:
-    """Two PNGs (data URIs): ratio quantiles per group (log scale) and ESS per group, one series per kind."""
+    """Two PNGs (data URIs): ratio quantiles per token group (log scale) and ESS per group, one series per source."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    styles = {"p1": ":", "p50": "-", "p99": "--", "p99.9": "-."}
     uris = []
     for what in ("quantiles", "ess"):
         fig, ax = plt.subplots(figsize=(5.6, 3.4))
         try:
-            for kind, rows in tables.items():
+            for source, rows in tables.items():
                 x = [r.group.replace(" model tokens", "").replace(" after tool", "\nafter tool") for r in rows]
+                short = source.split(" (")[0]
                 if what == "ess":
-                    ax.plot(x, [r.ess for r in rows], marker="o", label=kind)
+                    ax.plot(x, [r.ess for r in rows], marker="o", label=short)
                     ax.set_ylim(0, 1.05)
                     continue
-                for q, style in (("p1", ":"), ("p50", "-"), ("p99", "--"), ("p99.9", "-.")):
-                    ax.plot(x, [r.quantiles[q] for r in rows], style, marker=".", label=f"{kind} {q}")
+                for q, style in styles.items():
+                    if all(q in r.quantiles for r in rows):
+                        ax.plot(x, [r.quantiles[q] for r in rows], style, marker=".", label=f"{short} {q}")
                 ax.set_yscale("log")
                 ax.axhline(1.0, color="gray", lw=0.5)
             ax.set_title("ratio pi/mu quantiles" if what == "quantiles" else "normalised ESS of pi/mu")
             ax.tick_params(axis="x", labelsize=8)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6)
             fig.tight_layout()
             uris.append(_png(fig))
         finally:
@@ -153,26 +159,38 @@ def tail_plots(tables: dict[str, list[TailRow]]) -> list[str]:
     return uris
 
 
-def render_tail(episodes: Sequence[EpisodeLog]) -> str:
-    tables = {k: tail_table(episodes, k) for k in ("clean", "noisy")}
-    tables = {k: v for k, v in tables.items() if v}
+def _cell(x: float | None, digits: str = ".4f") -> str:
+    return "-" if x is None or x != x else format(x, digits)
+
+
+def render_tail(episodes: Sequence[EpisodeLog], metrics_batches: Sequence[dict] = ()) -> str:
+    """The tail table and plots: from the trainer's own metrics (every model token of the last batch) when they
+    have the tail panel, and from the logged episodes (theta_old, clean and perturbed)."""
+    tables: dict[str, list[TailRow]] = {}
+    from_metrics = metrics_tail(metrics_batches)
+    if from_metrics is not None and from_metrics[1]:
+        tables[f"training (metrics, batch {from_metrics[0]}, every model token)"] = from_metrics[1]
+    for kind, label in (("clean", "clean θ_old"), ("noisy", "perturbed")):
+        rows = tail_table(episodes, kind)
+        if rows:
+            tables[f"{label} (logged episodes)"] = rows
     if not tables:
         return '<p class="note">No trainer logprobs logged: no ratio tail to show.</p>'
+    head = "".join(f"<th>{c}</th>" for c in COLUMNS)
     parts = [
-        '<table class="tail"><tr><th>tokens of</th><th>kind</th><th>n</th><th>p1</th><th>p50</th><th>p99</th>'
-        "<th>p99.9</th><th>ESS</th><th>mean |log r|</th></tr>"
+        f'<table class="tail"><tr><th>tokens of</th><th>source</th><th>n</th>{head}<th>ESS</th>'
+        "<th>mean |log r|</th></tr>"
     ]
-    for kind, rows in tables.items():
+    for source, rows in tables.items():
         for r in rows:
-            q = r.quantiles
+            qs = "".join(f"<td>{_cell(r.quantiles.get(c))}</td>" for c in COLUMNS)
             parts.append(
-                f"<tr><td>{r.group}</td><td>{kind}</td><td>{r.tokens}</td><td>{q['p1']:.4f}</td><td>{q['p50']:.4f}</td>"
-                f"<td>{q['p99']:.4f}</td><td>{q['p99.9']:.4f}</td><td>{r.ess:.4f}</td><td>{r.mean_abs_log_ratio:.4f}</td></tr>"
+                f"<tr><td>{html.escape(r.group)}</td><td>{html.escape(source)}</td><td>{r.tokens}</td>{qs}"
+                f"<td>{_cell(r.ess)}</td><td>{_cell(r.mean_abs_log_ratio)}</td></tr>"
             )
     parts.append("</table>")
-    parts.append(
-        '<div class="plots">' + "".join(f'<img alt="tail plot" src="{u}">' for u in tail_plots(tables)) + "</div>"
-    )
+    imgs = "".join(f'<img alt="tail plot" src="{u}">' for u in tail_plots(tables))
+    parts.append(f'<div class="plots">{imgs}</div>')
     return "".join(parts)
 
 
@@ -193,7 +211,7 @@ def legend() -> str:
     )
 
 
-def render_html(run_name: str, episodes: Sequence[EpisodeLog]) -> str:
+def render_html(run_name: str, episodes: Sequence[EpisodeLog], metrics_batches: Sequence[dict] = ()) -> str:
     shown = list(episodes)[-MAX_EPISODES:]
     noisy = any(e.tokens.noisy is not None for e in shown)
     exact = all(e.noisy_is_exact for e in shown if e.tokens.noisy is not None)
@@ -214,14 +232,31 @@ def render_html(run_name: str, episodes: Sequence[EpisodeLog]) -> str:
         f"<h1>Episodes of run {html.escape(run_name)}</h1>"
         f'<p class="note">{len(shown)} of {len(episodes)} logged episodes (newest first). {note} '
         "Hover a token for its logprobs; r = π/μ = exp(trainer − engine).</p>"
-        f"{legend()}<h2>Ratio tail by turn and after tool observations</h2><div id='tail'>{render_tail(shown)}</div>"
+        f"{legend()}<h2>Ratio tail by turn and after tool observations</h2><div id='tail'>{render_tail(shown, metrics_batches)}</div>"
         f"<h2>Episodes</h2><div id='episodes'>{body or '<p>No episodes logged.</p>'}</div><div id='tip'></div>"
         f"<script type='application/json' id='meta'>{json.dumps({'episodes': len(shown)})}</script></body></html>"
     )
 
 
+def _batch_records(run_dir: Path) -> list[dict]:
+    """The `kind: batch` records of metrics.jsonl (none when the run has no metrics yet; bad lines skipped)."""
+    path = run_dir / "metrics.jsonl"
+    out = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and rec.get("kind") == "batch":
+                out.append(rec)
+    return out
+
+
 def write_viewer(run_dir: Path) -> Path:
     """Write `<run_dir>/report.html` from `<run_dir>/episodes.jsonl`; returns its path."""
-    out = Path(run_dir) / "report.html"
-    out.write_text(render_html(Path(run_dir).name, read_episodes(run_dir)), encoding="utf-8")
+    run_dir = Path(run_dir)
+    batches = _batch_records(run_dir)
+    out = run_dir / "report.html"
+    out.write_text(render_html(run_dir.name, read_episodes(run_dir), batches), encoding="utf-8")
     return out

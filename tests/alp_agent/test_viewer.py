@@ -180,3 +180,23 @@ def test_report_html_of_a_trained_run_in_headless_chromium(tiny_model_dir, tmp_p
     if os.environ.get("ALP_VIEWER_SCREENSHOT"):  # refresh docs/ with: ALP_VIEWER_SCREENSHOT=docs/...png pytest ...
         shutil.copy(shot, os.environ["ALP_VIEWER_SCREENSHOT"])
     assert 'data-ready="1"' in dom  # the page's own script ran to the end
+
+
+def test_tail_panel_reads_the_trainers_own_tail_metrics():
+    import torch
+
+    from alp_agent.app.ratio_tail import metrics_tail
+    from alp_agent.train.tail import tail_metrics
+
+    log_r = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.0, 0.0])
+    tags = torch.tensor([0, 0, 0, 3, 2, -1])  # turn 0 (3 tokens), turn 1: one head token, one other; one untagged
+    rec = {"kind": "batch", "step": 7, **tail_metrics(log_r, tags)}
+    step, rows = metrics_tail([{"kind": "batch", "step": 6}, rec, {"kind": "batch", "step": 8}])
+    by = {r.group: r for r in rows}
+    assert step == 7 and list(by) == ["turn 1", "turn 2", "first 8 after tool", "other model tokens"]
+    assert by["turn 1"].tokens == 3 and by["turn 1"].quantiles["max"] == pytest.approx(1.0)
+    assert by["first 8 after tool"].quantiles["p50"] == pytest.approx(math.exp(0.5))
+    assert by["turn 2"].ess == pytest.approx(normalized_ess([math.exp(0.5), 1.0]))
+    page = render_html("r", [], [rec])
+    assert "training (metrics, batch 7, every model token)" in page and "No trainer logprobs" not in page
+    assert metrics_tail([{"kind": "batch", "step": 1}]) is None
