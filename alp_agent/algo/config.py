@@ -256,7 +256,7 @@ class AlgoConfig(_Strict):
     def is_granularity(self) -> Literal["token", "sequence"]:
         if self.is_level is not None:
             return self.is_level
-        return "sequence" if self.name in _IS else "token"
+        return _IS[self.name][1] if self.name in _IS else "token"
 
     @property
     def is_upper(self) -> float:
