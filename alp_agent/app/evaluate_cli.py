@@ -64,17 +64,16 @@ def is_run_dir(spec: str) -> bool:
 def resolve_eval_model(spec: str) -> str:
     """A run directory means its exported weights, (re-)exported when missing or older than the latest checkpoint
     (the export records which checkpoint it holds in `source_checkpoint.txt`)."""
-    from alp_agent.train.checkpoint import export_run, latest_checkpoint
+    from alp_agent.train.checkpoint import EXPORT_SOURCE, export_run, latest_checkpoint
 
     if not is_run_dir(spec):
         return spec
     run = Path(spec)
     export, latest = run / "export", latest_checkpoint(run / "checkpoints")
-    marker = export / "source_checkpoint.txt"
+    marker = export / EXPORT_SOURCE
     fresh = marker.is_file() and latest is not None and marker.read_text().strip() == latest.name
     if not (export / "config.json").is_file() or (latest is not None and not fresh):
-        ckpt, _ = export_run(run, out=export)
-        marker.write_text(ckpt.name + "\n")
+        export_run(run, out=export)
     return str(export)
 
 

@@ -209,6 +209,9 @@ def export_hf(model, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | N
     return out_dir
 
 
+EXPORT_SOURCE = "source_checkpoint.txt"
+
+
 def export_run(
     run_dir: str | Path, checkpoint: str | Path | None = None, out: str | Path | None = None, dtype: str = "float32"
 ) -> tuple[Path, Path]:
@@ -233,4 +236,5 @@ def export_run(
     load_policy_weights(model, ckpt)  # a single-file or a sharded (FSDP2, torchrun) checkpoint
     cast = None if dtype == "float32" else getattr(torch, dtype)
     folder = export_hf(model, out or run_dir / "export", tokenizer=load_tokenizer(base), dtype=cast)
+    (folder / EXPORT_SOURCE).write_text(ckpt.name + "\n")  # which checkpoint it holds (eval re-exports a stale one)
     return ckpt, folder
