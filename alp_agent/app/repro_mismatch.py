@@ -77,9 +77,11 @@ def measure_first_batch(cfg) -> dict[str, float]:
 def measure_regimes(plan, cfg_path: Path, out_dir: Path, seed: int = 0, log=print) -> Path:
     """`measure_first_batch` for every setting of the plan (its overrides + the plan's, arm-independent: the first
     batch is sampled before any update), written to out_dir/mismatch.json and mismatch.md."""
+    from alp_agent.app.repro_runinfo import cpu_info
     from alp_agent.config import RunConfig
     from alp_agent.config_io import load_config
 
+    cpu = cpu_info()
     results: dict[str, Any] = {}
     for name, overrides in plan.settings.items():
         items = {**plan.overrides, **overrides, "run.seed": seed, "trainer.algo.name": "bypass", **plan.pinned}
@@ -89,6 +91,9 @@ def measure_regimes(plan, cfg_path: Path, out_dir: Path, seed: int = 0, log=prin
             "engine_dtype": cfg.engine.dtype,
             "weight_quantization": cfg.engine.weight_quantization,
             "trainer_dtype": cfg.trainer.update.dtype,
+            "cpu": cpu["model"],
+            "cpu_native_bf16": cpu["native_bf16"],
+            "seed": seed,
             **measure_first_batch(cfg),
         }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +110,9 @@ def mismatch_table(results: dict[str, dict[str, Any]]) -> str:
         "",
         "r = pi/mu per sampled model token; KL(mu||pi) by k1 = mean(-log r) and k3 = mean(r - 1 - log r); "
         "chi2 = mean(r^2) - 1; ESS = (sum r)^2 / (n sum r^2). Quantization is weight-only (decoder linear weights "
-        "quantize-dequantized, activations in the engine dtype): not W8A8.",
+        "quantize-dequantized, activations in the engine dtype): not W8A8. CPU: "
+        + ", ".join(sorted({f"{r.get('cpu')} (native bf16: {r.get('cpu_native_bf16')})" for r in results.values()}))
+        + ".",
         "",
         "| setting | engine | weights | trainer | tokens | " + " | ".join(cols) + " |",
         "|---|---|---|---|---:|" + "---:|" * len(cols),
