@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -21,20 +22,23 @@ from alp_agent.train.metrics import exact_kl
 
 
 def rows_of(mb: MicroBatch, k: int) -> MicroBatch:
-    """The first k rows of a collated micro-batch (same padding, same `start`)."""
+    """The first k rows of a collated micro-batch in the right-padded layout (`MicroBatch.padded()` first when packed)."""
 
     def cut(x: torch.Tensor | None) -> torch.Tensor | None:
         return x[:k] if x is not None else None
 
-    return MicroBatch(
-        mb.ids[:k], mb.attn[:k], mb.mask[:k], mb.infer[:k], mb.adv[:k], mb.temperature,
-        cut(mb.old), cut(mb.ref), mb.start, cut(mb.tags),
+    return replace(
+        mb, ids=mb.ids[:k], attn=mb.attn[:k], mask=mb.mask[:k], infer=mb.infer[:k], adv=mb.adv[:k],
+        old=cut(mb.old), ref=cut(mb.ref), tags=cut(mb.tags), row_ids=cut(mb.row_ids), row_len=cut(mb.row_len),
+        src=None, dst=None, tgt=None, segments=None,
     )  # fmt: skip
 
 
 def target_logits(forward_model: nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, V) logits predicting each model token (loss mask 1), the (N,) token ids and the (N,) engine logprobs.
     Only positions from `mb.start` get the LM head (`logits_to_keep`), as in train.logprobs."""
+    if mb.pos is not None:
+        raise ValueError("target_logits reads rows: pass MicroBatch.padded(), not a packed micro-batch")
     T = mb.ids.shape[1]
     start = max(1, min(int(mb.start), T))
     out = forward_model(input_ids=mb.ids, attention_mask=mb.attn, use_cache=False, logits_to_keep=T - start + 1)
