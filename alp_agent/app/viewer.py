@@ -132,26 +132,28 @@ def tail_plots(tables: dict[str, list[TailRow]]) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"p1": ":", "p50": "-", "p99": "--", "p99.9": "-."}
+    styles = {"p99": "--", "p99.9": "-"}  # the tail (p50 is ~1 everywhere; the table has p1..max)
     uris = []
     for what in ("quantiles", "ess"):
         fig, ax = plt.subplots(figsize=(5.6, 3.4))
         try:
-            for source, rows in tables.items():
+            for n, (source, rows) in enumerate(tables.items()):
+                colour = f"C{n}"
                 x = [r.group.replace(" model tokens", "").replace(" after tool", "\nafter tool") for r in rows]
                 short = source.split(" (")[0]
                 if what == "ess":
-                    ax.plot(x, [r.ess for r in rows], marker="o", label=short)
+                    ax.plot(x, [r.ess for r in rows], marker="o", label=short, color=colour)
                     ax.set_ylim(0, 1.05)
                     continue
                 for q, style in styles.items():
                     if all(q in r.quantiles for r in rows):
-                        ax.plot(x, [r.quantiles[q] for r in rows], style, marker=".", label=f"{short} {q}")
+                        label = short if q == "p99.9" else None  # one legend entry per source
+                        ax.plot(x, [r.quantiles[q] for r in rows], style, marker=".", label=label, color=colour)
                 ax.set_yscale("log")
                 ax.axhline(1.0, color="gray", lw=0.5)
-            ax.set_title("ratio pi/mu quantiles" if what == "quantiles" else "normalised ESS of pi/mu")
+            ax.set_title("ratio pi/mu: p99 (dashed), p99.9" if what == "quantiles" else "normalised ESS of pi/mu")
             ax.tick_params(axis="x", labelsize=8)
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=7)
             fig.tight_layout()
             uris.append(_png(fig))
         finally:
