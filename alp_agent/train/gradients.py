@@ -45,14 +45,15 @@ def clip_gradients(
 
 
 def prepare_gradients(
-    policy_params: list[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
     p: LayerPerturbation | None,
     cfg: TrainerConfig,
     distributed: bool,
 ) -> tuple[float, float, torch.Tensor | None, dict[str, float]]:
     """Penalty backward, rank averaging of the s_l gradient, clipping to optim.grad_clip. Returns (policy norm, s_l
-    norm, pre-clip s_l gradient or None, metrics)."""
+    norm, pre-clip s_l gradient or None, metrics). The policy is the optimizer's first group (the trainer's order)."""
     pc, max_norm = cfg.algo.perturb, cfg.optim.grad_clip
+    policy_params = optimizer.param_groups[0]["params"]
     m: dict[str, float] = {}
     if p is not None:
         pen = p.penalty_backward(pc.sigma_penalty_alpha, pc.sigma_penalty_beta)

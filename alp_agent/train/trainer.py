@@ -251,9 +251,7 @@ class Trainer(TrainerState):
         """Sigma penalty, rank averaging of the s_l gradient, clipping, and the AdamW step unless a norm is not finite
         (then the step is skipped and counted)."""
         p = self.perturbation
-        gn, sgn, sig_grad, m = prepare_gradients(
-            self.optimizer.param_groups[0]["params"], p, self.cfg, self.distributed
-        )
+        gn, sgn, sig_grad, m = prepare_gradients(self.optimizer, p, self.cfg, self.distributed)
         skipped = not (math.isfinite(gn) and math.isfinite(sgn))
         if skipped:
             self.skipped_steps += 1
