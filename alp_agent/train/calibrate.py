@@ -7,7 +7,10 @@ On the first rollout batch, before any update, with the first `perturb.auto_rows
      each layer's input RMS, so every layer gets noise of the same relative size): perturbed no-grad forwards with a
      fixed noise draw until the exact KL(clean || perturbed), averaged over model-token positions, equals the target.
 Both KLs and the chosen sigma0 are returned for the log (calibration/*). With no measurable mismatch (an fp32 engine)
-the search ends at the lower bound, and the log says so.
+the search ends at the lower bound, and the log says so. `calibration/kl_noise_at_min_sigma` is the noise KL at the
+lower bound 1e-5: under bf16 compute any sigma re-draws the rounding of every matmul, so the noise KL has a floor of
+the order of the bf16 mismatch itself; when it is close to the target, the calibrated sigma0 mostly reproduces
+rounding noise (measured on the quickstart, docs/method.md "Choosing sigma0").
 
 Why bisection: the noise KL grows monotonically with sigma for a fixed draw (it is ~ c sigma^2 while small), and a
 fixed number of steps keeps every torchrun rank in the same sequence of collective forwards. Ranks draw different
@@ -57,6 +60,7 @@ def calibrate_sigma0(
         return float(exact_kl(clean, noisy, mb.temperature).mean()) if clean.numel() else 0.0
 
     lo, hi = LOG_SIGMA_RANGE
+    floor = kl_at(lo)  # in bf16 compute even the smallest sigma re-draws rounding: the KL does not start at 0
     for _ in range(STEPS):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if kl_at(mid) < target else (lo, mid)
@@ -68,6 +72,7 @@ def calibrate_sigma0(
         "calibration/kl_mismatch_k3": target,
         "calibration/kl_mismatch_k1": mismatch.get("kl/k1", float("nan")),
         "calibration/kl_noise_exact": noise,
+        "calibration/kl_noise_at_min_sigma": floor,
         "calibration/at_lower_bound": float(float(chosen) <= LOG_SIGMA_RANGE[0] + 1e-3),
         "calibration/tokens": float(targets.numel()),
         "calibration/time": time.perf_counter() - t0,

@@ -80,12 +80,13 @@ def test_divergences_noise_kl_and_tail_panel_are_logged():
 # ------------------------------------------------------------------ sigma0 auto
 def test_sigma0_auto_matches_noise_kl_to_the_mismatch():
     m = tiny()
-    tr = Trainer(m, config(algo={"perturb": {"sigma0": "auto"}}))
+    tr = Trainer(m, config(algo={"perturb": {"sigma0": "auto"}}, update={"dtype": "float32"}))
     assert tr.perturbation.scale_aware  # auto sizes the scale-aware noise
     metrics = tr.update(make_batch(tiny(), mismatch=0.1))
     target, got = metrics["calibration/kl_mismatch_k3"], metrics["calibration/kl_noise_exact"]
     assert target > 1e-3 and got == pytest.approx(target, rel=0.05)
     assert metrics["calibration/sigma0"] != pytest.approx(1e-3) and metrics["calibration/at_lower_bound"] == 0
+    assert metrics["calibration/kl_noise_at_min_sigma"] < target  # float32 compute: no rounding floor
     assert "calibration/sigma0" not in tr.update(make_batch(tiny(), seed=1))  # first batch only
     with pytest.raises(ValueError):
         config(algo={"perturb": {"sigma0": "auto", "scale_aware": False}})
