@@ -109,7 +109,7 @@ def run_checks(cfg: RunConfig, prompts: int = 2, samples: int = 2) -> list[Check
     import torch
 
     from alp_agent.app.doctor_numbers import check_parity, model_token_pairs, parity_stats, trainer_logprobs
-    from alp_agent.app.doctor_system import check_machine, check_sandbox
+    from alp_agent.app.doctor_system import check_machine, check_sandbox, mem_available_gib
     from alp_agent.app.job import build_inference
     from alp_agent.models import load_model
     from alp_agent.rollout.chat import ChatTemplate
@@ -120,6 +120,7 @@ def run_checks(cfg: RunConfig, prompts: int = 2, samples: int = 2) -> list[Check
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
+    free_gib = mem_available_gib()  # before this process holds the engine and the trainer
     comps = build_inference(cfg)
     try:
         model = load_model(comps.model_dir, dtype=torch.float32, device=local_device())  # cuda:0 on a GPU machine
@@ -130,7 +131,7 @@ def run_checks(cfg: RunConfig, prompts: int = 2, samples: int = 2) -> list[Check
             _guard(
                 "machine",
                 lambda: check_machine(
-                    cfg, n_params, hf.hidden_size, hf.num_hidden_layers, trainer_dtype=trainer.cfg.update.dtype
+                    cfg, n_params, hf.hidden_size, hf.num_hidden_layers, None, trainer.cfg.update.dtype, free_gib
                 ),
             )
         ]

@@ -111,9 +111,17 @@ def estimate_peak_gib(n_params: int, cfg, hidden: int, layers: int) -> dict[str,
 
 
 def check_machine(
-    cfg, n_params: int, hidden: int, layers: int, flags: set[str] | None = None, trainer_dtype: str | None = None
+    cfg,
+    n_params: int,
+    hidden: int,
+    layers: int,
+    flags: set[str] | None = None,
+    trainer_dtype: str | None = None,
+    free_gib: float | None = None,
 ) -> Check:
-    """trainer_dtype: the compute dtype the trainer resolved (`update.dtype: auto` picks per machine)."""
+    """trainer_dtype: the compute dtype the trainer resolved (`update.dtype: auto` picks per machine). free_gib:
+    MemAvailable measured *before* the doctor built the run's parts (default: now). Below the estimated peak is a
+    WARN; below its floor (weights, gradients, optimizer state, engine) a FAIL on a CPU-only machine."""
     import torch
 
     flags = cpu_flags() if flags is None else flags
@@ -122,7 +130,7 @@ def check_machine(
         [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     )
     peak = estimate_peak_gib(n_params, cfg, hidden, layers)
-    free = mem_available_gib()
+    free = mem_available_gib() if free_gib is None else free_gib
     numbers: dict[str, Any] = {
         "cpus": os.cpu_count(),
         "cpu_bf16_flags": bf16,
@@ -138,8 +146,12 @@ def check_machine(
         problems.append("bfloat16 chosen but this CPU has no avx512_bf16/amx_bf16: bf16 math is emulated (slow)")
     status = WARN if problems else PASS
     if free is not None and free < peak["total"]:
-        status = FAIL if not gpus else WARN
-        problems.append(f"estimated peak {peak['total']:.1f} GiB exceeds the {free:.1f} GiB available")
+        floor = peak["trainer"] + peak["engine"]
+        status = FAIL if free < floor and not gpus else WARN
+        problems.append(
+            f"estimated peak {peak['total']:.1f} GiB (floor {floor:.1f}: weights, gradients, AdamW, engine) exceeds "
+            f"the {free:.1f} GiB available"
+        )
     summary = (
         f"{os.cpu_count()} CPUs, bf16 support: {', '.join(bf16) or 'none'}; engine {cfg.engine.dtype}, trainer "
         f"{numbers['trainer_dtype']} (update.dtype {cfg.trainer.update.dtype}); memory available {free if free is None else round(free, 1)} GiB vs estimated "

@@ -187,7 +187,11 @@ def test_machine_check_flags_bf16_without_cpu_support(run_cfg):
     assert ok.numbers["cpu_bf16_flags"] == ["avx512_bf16"]
     assert cpu_flags("flags\t: fpu avx512_bf16 amx_bf16\n") == {"fpu", "avx512_bf16", "amx_bf16"}
     assert mem_available_gib("MemAvailable:   2097152 kB\n") == 2.0
-    peak = estimate_peak_gib(135_000_000, run_cfg, 576, 30)
+    tight = check_machine(bf16, 135_000_000, 576, 30, flags={"avx512_bf16"}, free_gib=0.5)
+    assert tight.status == FAIL and "exceeds the 0.5 GiB available" in tight.details[0]
+    peak = estimate_peak_gib(135_000_000, bf16, 576, 30)
+    between = check_machine(bf16, 135_000_000, 576, 30, flags={"avx512_bf16"}, free_gib=peak["total"] - 0.1)
+    assert between.status == WARN  # above the floor, below the estimated peak
     assert pytest.approx(peak["trainer"]) == 135e6 * 16 / 2**30 and peak["total"] > peak["trainer"]
 
 
