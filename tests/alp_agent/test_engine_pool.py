@@ -8,7 +8,6 @@ import asyncio
 import os
 import signal
 import zlib
-from typing import ClassVar
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from alp_agent.engine.base import SamplingConfig
 from alp_agent.engine.config import EngineConfig
 from alp_agent.engine.factory import engine_envs
 from alp_agent.engine.shared_weights import SharedWeights
+from tests.fakes import ScriptedEnv
 
 PROMPTS = [[1, 4093, 198, 1780, 314, 216, 34, 27, 35, 47, 2, 198], list(range(100, 130)), [7, 8, 9]]
 
@@ -132,27 +132,9 @@ def test_pool_load_weights_reaches_every_engine_identically(pool, tiny_vllm_engi
         _same(member.generate(PROMPTS, s), before)
 
 
-class _TwoTurnEnv:
+def _two_turn_env() -> ScriptedEnv:
     """Scripted env: a tool observation after the first turn, reward 1 after the second."""
-
-    stop_strings: ClassVar[list[str]] = []
-
-    @property
-    def unwrapped(self):
-        return self
-
-    def reset(self, seed=None, options=None):
-        self.t = 0
-        return [{"role": "user", "content": f"Task {(options or {}).get('task_index')}: 6*7?"}], {}
-
-    async def astep(self, text):
-        self.t += 1
-        if self.t >= 2:
-            return [], 1.0, True, False, {}
-        return [{"role": "tool", "content": "42"}], 0.0, False, False, {}
-
-    def close(self):
-        pass
+    return ScriptedEnv(2, stop=None, system=None, observation="42")
 
 
 @pytest.mark.vllm
@@ -162,7 +144,7 @@ def test_rollout_spreads_groups_over_the_pool(pool, tiny_tokenizer):
     from alp_agent.rollout.runner import RolloutRunner
 
     cfg = RolloutConfig(max_tokens_per_turn=8, on_turn_limit="continue", max_turns=2, seed=0, temperature=1.0)
-    runner = RolloutRunner(pool, tiny_tokenizer, _TwoTurnEnv, cfg)
+    runner = RolloutRunner(pool, tiny_tokenizer, _two_turn_env, cfg)
     start = list(pool.requests)
     trajs = runner.run([0, 1, 2, 3], n_per_task=2)
     served = [b - a for a, b in zip(start, pool.requests)]
@@ -178,25 +160,11 @@ def test_rollout_spreads_groups_over_the_pool(pool, tiny_tokenizer):
         pool.routing = "group"
 
 
-class _OneTurnEnv:
+def _one_turn_env() -> ScriptedEnv:
     """One model turn; reward = parity of the text's CRC (varies between samples, so updates move the weights)."""
-
-    stop_strings: ClassVar[list[str]] = []
-
-    @property
-    def unwrapped(self):
-        return self
-
-    def reset(self, seed=None, options=None):
-        self.texts = []
-        return [{"role": "user", "content": f"Task {(options or {}).get('task_index')}: say something"}], {}
-
-    async def astep(self, text):
-        self.texts.append(text)
-        return [], float(zlib.crc32(text.encode()) % 2), True, False, {}
-
-    def close(self):
-        pass
+    return ScriptedEnv(
+        1, stop=None, system=None, question="say something", reward=lambda t: float(zlib.crc32(t.encode()) % 2)
+    )
 
 
 @pytest.mark.vllm
@@ -226,7 +194,7 @@ def test_async_training_on_the_pool_records_the_true_version(pool, tiny_model_di
     runner = RolloutRunner(
         pool,
         tiny_tokenizer,
-        _OneTurnEnv,
+        _one_turn_env,
         RolloutConfig(max_tokens_per_turn=8, max_turns=1, seed=0, temperature=1.0, on_turn_limit="continue"),
     )
     try:

@@ -2,98 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from typing import ClassVar
 
-from alp_agent.engine.base import Engine, Generation, SamplingConfig
 from alp_agent.rollout.chat import ChatTemplate
 from alp_agent.rollout.config import RolloutConfig
 from alp_agent.rollout.runner import RolloutRunner
+from tests.fakes import ScriptedEnv, ScriptedPolicy, by_turn
 
-
-class ScriptedEnv:
-    """Minimal stand-in for envs' ToolEnv: answers every turn with a tool observation, ends after `finish_after`."""
-
-    stop_strings: ClassVar[list[str]] = ["</tool>"]
-    num_tasks = 8
-
-    def __init__(self, finish_after: int = 3, delay: float = 0.0, slow_task: int | None = None, truncate_at=None):
-        self.finish_after, self.delay, self.slow_task, self.truncate_at = finish_after, delay, slow_task, truncate_at
-        self.seen: list[str] = []
-
-    @property
-    def unwrapped(self):
-        return self
-
-    def reset(self, seed=None, options=None):
-        self.task = (options or {}).get("task_index", 0)
-        self.t = 0
-        return [
-            {"role": "system", "content": "You solve tasks with a Python tool."},
-            {"role": "user", "content": f"Task {self.task}: what is 6*7?"},
-        ], {}
-
-    def step(self, text):
-        self.t += 1
-        self.seen.append(text)
-        info = {"tool_calls": 1, "tool_errors": 0, "void_turn": False, "parsed_answer": None, "sandbox_status": "ok"}
-        if self.t >= self.finish_after:
-            return [], 1.0, True, False, info
-        truncated = self.truncate_at is not None and self.t >= self.truncate_at
-        return [{"role": "tool", "content": f"result {self.t}: 42"}], 0.0, False, truncated, info
-
-    async def astep(self, text):
-        await asyncio.sleep(self.delay * (10 if self.task == self.slow_task else 1))
-        return self.step(text)
-
-    def tool_schemas(self):
-        return []
-
-    def close(self):
-        pass
-
-
-class ScriptedEngine(Engine):
-    """Returns scripted turns: `turns[k]` is (text, finish_reason, append_eos) for the k-th call of an episode
-    (calls are counted per prompt length growth, so concurrent episodes each follow the script)."""
-
-    def __init__(self, tokenizer, turns, max_model_len=4096, delay=0.0):
-        self.tok, self.turns, self.max_model_len, self.delay = tokenizer, turns, max_model_len, delay
-        self.calls: list[tuple[list[int], Generation]] = []
-
-    def generate(self, prompts, sampling):
-        raise NotImplementedError
-
-    async def agenerate(self, prompt, sampling: SamplingConfig):
-        await asyncio.sleep(self.delay)
-        k = self._turn_index(prompt)
-        text, finish, eos = self.turns[min(k, len(self.turns) - 1)]
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > sampling.max_tokens:
-            ids, finish, eos = ids[: sampling.max_tokens], "length", False
-        if eos:
-            ids = [*ids, self.tok.eos_token_id]
-        gen = Generation(ids, [-0.25 - 0.01 * i for i in range(len(ids))], finish)
-        self.calls.append((list(prompt), gen))
-        return gen
-
-    def _turn_index(self, prompt):
-        """Number of assistant headers after the prompt's first one = turn index in this episode."""
-        text = self.tok.decode(prompt)
-        return text.count("<|im_start|>assistant") - 1
-
-    def load_weights(self, state_dict):
-        pass
-
-
-TOOL_TURN = ("Let me compute.\n<tool>print(6*7)</tool>", "stop", False)
-ANSWER_TURN = ("The answer is 42.", "stop", True)
+TOOL_TURN = ("Let me compute.\n<tool>print(6*7)</tool>", False)  # (text, ends on EOS): ends on the stop string
+ANSWER_TURN = ("The answer is 42.", True)
+PROMPT = {"system": "You solve tasks with a Python tool.", "question": "what is 6*7?", "observation": "result {t}: 42"}
 
 
 def _runner(tok, turns, env_kw=None, **cfg):
-    engine = ScriptedEngine(tok, turns, max_model_len=cfg.pop("max_model_len", 4096), delay=cfg.pop("delay", 0.0))
-    runner = RolloutRunner(engine, tok, lambda: ScriptedEnv(**(env_kw or {})), RolloutConfig(seed=0, **cfg))
+    engine = ScriptedPolicy(
+        tok, by_turn(*turns), max_model_len=cfg.pop("max_model_len", 4096), delay=cfg.pop("delay", 0.0)
+    )
+    runner = RolloutRunner(engine, tok, lambda: ScriptedEnv(**PROMPT, **(env_kw or {})), RolloutConfig(seed=0, **cfg))
     return engine, runner
 
 
@@ -150,7 +75,7 @@ def test_group_sampling_ids_and_order(tiny_tokenizer):
 
 
 def test_truncation_turn_token_limit(tiny_tokenizer):
-    long_turn = ("word " * 50, "stop", False)
+    long_turn = ("word " * 50, False)
     _, runner = _runner(tiny_tokenizer, [long_turn], max_tokens_per_turn=10)
     (t,) = runner.run([0])
     assert (t.finish_reason, t.truncated, t.num_turns, t.num_model_tokens) == ("turn_token_limit", True, 1, 10)
@@ -241,7 +166,7 @@ def test_token_roles_and_void_turns(tiny_tokenizer):
     assert chat.decode([t.completion_ids[i] for i in observed]).strip() == "result 1: 42"
     assert chat.decode(t.completion_ids[e0 : observed[0]]) == "<|im_end|>\n<|im_start|>tool\n"
     # a turn cut at max_tokens_per_turn is a void turn, with on_turn_limit "continue" too (counted once)
-    long_turn = ("word " * 50, "stop", False)
+    long_turn = ("word " * 50, False)
     _, runner = _runner(tiny_tokenizer, [long_turn], max_tokens_per_turn=10, on_turn_limit="continue", max_turns=2)
     (t,) = runner.run([0])
     assert (t.num_turns, t.num_void_turns) == (2, 2) and runner.last_metrics["rollout/void_turns"] == 2

@@ -3,16 +3,15 @@ output out of the ids it is given: proves observations land in the running ids, 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 
 import pytest
 
-from alp_agent.engine.base import Engine, Generation
 from alp_agent.rollout.chat import ChatTemplate
 from alp_agent.rollout.config import RolloutConfig
 from alp_agent.rollout.runner import RolloutRunner
+from tests.fakes import Reply, Script, ScriptedPolicy
 
 gym = pytest.importorskip("gymnasium")
 envs = pytest.importorskip("envs")
@@ -33,29 +32,17 @@ def sandbox():
     box.close()
 
 
-class CodeThenAnswer(Engine):
+def code_then_answer(exprs: dict[str, str]) -> Script:
     """Turn 1: run the task's arithmetic in python (ends on the env's stop string). Turn 2: box the tool output."""
 
-    def __init__(self, tok, exprs: dict[str, str]):
-        self.tok, self.exprs, self.max_model_len = tok, exprs, 4096
-
-    def generate(self, prompts, sampling):
-        raise NotImplementedError
-
-    async def agenerate(self, prompt, sampling):
-        await asyncio.sleep(0)
-        text = self.tok.decode(prompt)
+    def script(text: str, stop: tuple[str, ...]) -> Reply:
         outputs = re.findall(r"```output\n(.*?)\n```", text, re.DOTALL)
         if outputs:
-            reply, eos = f"The answer is \\boxed{{{outputs[-1].strip()}}}.", True
-        else:
-            expr = next(e for q, e in self.exprs.items() if q in text)
-            reply, eos = f"Let me compute.\n```python\nprint({expr})" + sampling.stop[0], False
-        ids = self.tok(reply, add_special_tokens=False)["input_ids"] + ([self.tok.eos_token_id] if eos else [])
-        return Generation(ids, [-0.5] * len(ids), "stop", None if eos else sampling.stop[0])
+            return f"The answer is \\boxed{{{outputs[-1].strip()}}}.", True
+        expr = next(e for q, e in exprs.items() if q in text)
+        return f"Let me compute.\n```python\nprint({expr})" + stop[0], False
 
-    def load_weights(self, state_dict):
-        pass
+    return script
 
 
 def test_rollout_on_math_tool_env(sandbox, tiny_tokenizer):
@@ -71,7 +58,9 @@ def test_rollout_on_math_tool_env(sandbox, tiny_tokenizer):
     def env_fn():
         return gym.make("alp/MathTool-v0", sandbox=sandbox, dataset={"name": "synthetic", "level": 1})
 
-    runner = RolloutRunner(CodeThenAnswer(tiny_tokenizer, exprs), tiny_tokenizer, env_fn, RolloutConfig(seed=0))
+    runner = RolloutRunner(
+        ScriptedPolicy(tiny_tokenizer, code_then_answer(exprs)), tiny_tokenizer, env_fn, RolloutConfig(seed=0)
+    )
     trajs = runner.run([i for i, _ in picked], n_per_task=2)
     chat = ChatTemplate(tiny_tokenizer)
     for t in trajs:

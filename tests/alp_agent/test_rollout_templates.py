@@ -11,16 +11,13 @@ that ended on a stop string is followed by the template's closing text with mask
 
 from __future__ import annotations
 
-import asyncio
-from typing import ClassVar
-
 import pytest
 
-from alp_agent.engine.base import Engine, Generation
 from alp_agent.rollout.chat import ChatTemplate
 from alp_agent.rollout.config import RolloutConfig
 from alp_agent.rollout.runner import RolloutRunner
 from tests.alp_agent.chat_templates import CLOSING, TEMPLATES, with_template
+from tests.fakes import RecordingEngine, Reply, ScriptedPolicy, SyncScriptedEnv
 
 CALL = '<think>\nI should multiply.\n</think>\n<tool_call>\n{"name": "multiply", "arguments": {"a": 6, "b": 7}}\n</tool_call>'
 ANSWER = "<think>\nThe tool said 42.\n</think>\n\nThe answer is \\boxed{42}."
@@ -36,28 +33,10 @@ def multiply(a: int, b: int) -> str:
     return str(a * b)
 
 
-class ToolCallingPolicy(Engine):
+def tool_calling_policy(text: str, stop: tuple[str, ...]) -> Reply:
     """Turn 1: a native tool call (ends on the env's stop string, as vLLM returns it). Turn 2: the answer + EOS."""
-
-    max_model_len = 4096
-
-    def __init__(self, tok):
-        self.tok, self.calls = tok, []
-
-    def generate(self, prompts, sampling):
-        raise NotImplementedError
-
-    async def agenerate(self, prompt, sampling):
-        await asyncio.sleep(0)
-        first = '"a": 6' not in self.tok.decode(prompt)  # no call of ours in the context yet
-        reply, eos = (CALL, False) if first else (ANSWER, True)
-        ids = self.tok(reply, add_special_tokens=False)["input_ids"] + ([self.tok.eos_token_id] if eos else [])
-        gen = Generation(ids, [-0.5] * len(ids), "stop", None if eos else "</tool_call>")
-        self.calls.append((list(prompt), gen))
-        return gen
-
-    def load_weights(self, state_dict):
-        pass
+    first = '"a": 6' not in text  # no call of ours in the context yet
+    return (CALL, False) if first else (ANSWER, True)
 
 
 @pytest.mark.parametrize("template", list(TEMPLATES))
@@ -67,7 +46,7 @@ def test_native_tool_calls_reach_the_env_end_under_each_template(template, tiny_
     import envs  # noqa: F401 - registers alp/Tool-v0
 
     tok = with_template(tiny_tokenizer, template)
-    policy = ToolCallingPolicy(tok)
+    policy = ScriptedPolicy(tok, tool_calling_policy)
 
     def env_fn():
         tasks = [{"prompt": "What is 6 times 7?", "answer": "42"}]
@@ -112,69 +91,11 @@ def test_tools_go_through_the_template_only_where_it_renders_them(tiny_tokenizer
 # ----------------------------------------------------------------------------------------------- real vLLM, fp32
 
 
-class CallingEnv:
+def calling_env(finish_after: int = 3) -> SyncScriptedEnv:
     """Treats every model turn as one native call of `python` (a random model writes no parsable call): replies
-    with a `tool` message carrying the call's id, reports the call in the info, terminates after `finish_after`."""
-
-    stop_strings: ClassVar[list[str]] = ["</tool_call>"]
-    tool_format = "json"
-    tools_in_prompt = False
-    num_tasks = 4
-
-    def __init__(self, finish_after: int = 3):
-        self.finish_after = finish_after
-
-    @property
-    def unwrapped(self):
-        return self
-
-    def tool_schemas(self):
-        params = {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}
-        return [{"type": "function", "function": {"name": "python", "description": "Run code.", "parameters": params}}]
-
-    def reset(self, seed=None, options=None):
-        self.t = 0
-        return [
-            {"role": "system", "content": "Use the python tool."},
-            {"role": "user", "content": f"Task {(options or {}).get('task_index')}: 6*7?"},
-        ], {}
-
-    def step(self, text):
-        self.t += 1
-        call = {
-            "id": f"call_{self.t}_0",
-            "type": "function",
-            "function": {"name": "python", "arguments": {"code": "6*7"}},
-        }
-        info = {"tool_calls": 1, "tool_errors": 0, "void_turn": False, "assistant_tool_calls": [call]}
-        if self.t >= self.finish_after:
-            return [], 1.0, True, False, {**info, "end_reason": "answer"}
-        return (
-            [{"role": "tool", "content": f"out[{self.t}]: 42", "tool_call_id": call["id"], "name": "python"}],
-            0.0,
-            False,
-            False,
-            info,
-        )
-
-    def close(self):
-        pass
-
-
-class Recording(Engine):
-    def __init__(self, inner):
-        self.inner, self.calls, self.max_model_len = inner, [], inner.max_model_len
-
-    def generate(self, prompts, sampling):
-        return self.inner.generate(prompts, sampling)
-
-    async def agenerate(self, prompt, sampling):
-        g = await self.inner.agenerate(prompt, sampling)
-        self.calls.append((list(prompt), g))
-        return g
-
-    def load_weights(self, state_dict):
-        pass
+    with a `tool` message carrying the call's id, reports the call in the info, terminates after `finish_after`.
+    Stepped in a worker thread (no `astep`), as a plain Gymnasium env is."""
+    return SyncScriptedEnv(finish_after, stop="</tool_call>", native_calls=True)
 
 
 @pytest.fixture(scope="module")
@@ -202,9 +123,9 @@ def test_multiturn_on_vllm_masks_and_teacher_forced_logprobs(template, fp32_engi
     from alp_agent.train.logprobs import sequence_logprobs
 
     tok = with_template(tiny_tokenizer, template)
-    engine = Recording(fp32_engine)
+    engine = RecordingEngine(fp32_engine)
     cfg = RolloutConfig(max_tokens_per_turn=16, on_turn_limit="continue", max_turns=6, seed=0, temperature=1.0)
-    runner = RolloutRunner(engine, tok, CallingEnv, cfg)
+    runner = RolloutRunner(engine, tok, calling_env, cfg)
     trajs = runner.run([0, 1], n_per_task=2)
     sent = {tuple(p) for p, _ in engine.calls}
     for t in trajs:
@@ -230,12 +151,12 @@ def test_stop_string_turn_gets_closing_text_with_mask_0(template, fp32_engine, t
     the template's closing text follows as masked template tokens."""
     tok = with_template(tiny_tokenizer, template)
     greedy_cfg = RolloutConfig(temperature=0.0, max_tokens_per_turn=12)
-    (probe,) = RolloutRunner(fp32_engine, tok, lambda: CallingEnv(finish_after=1), greedy_cfg).run([0])
+    (probe,) = RolloutRunner(fp32_engine, tok, lambda: calling_env(1), greedy_cfg).run([0])
     greedy = probe.completion_ids[: probe.turn_spans[0][1]]
     texts = [tok.decode([x]) for x in greedy]
     k = next(i for i in range(2, len(texts)) if texts[i].strip() and texts[i] not in "".join(texts[:i]))
     cfg = RolloutConfig(max_tokens_per_turn=12, temperature=0.0, stop_strings=[texts[k]], on_turn_limit="continue")
-    (t,) = RolloutRunner(fp32_engine, tok, lambda: CallingEnv(finish_after=2), cfg).run([0])
+    (t,) = RolloutRunner(fp32_engine, tok, lambda: calling_env(2), cfg).run([0])
     s, e = t.turn_spans[0]
     assert t.completion_ids[s:e] == greedy[: k + 1] and t.loss_mask[s:e] == [1] * (e - s)
     chat = ChatTemplate(tok)

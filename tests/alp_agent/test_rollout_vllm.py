@@ -3,73 +3,22 @@ masks exact against what the engine returned, prefix property every turn, no dri
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 
-from alp_agent.engine.base import Engine, SamplingConfig
+from alp_agent.engine.base import SamplingConfig
 from alp_agent.rollout.chat import ChatTemplate
 from alp_agent.rollout.config import RolloutConfig
 from alp_agent.rollout.runner import RolloutRunner
 from alp_agent.train.logprobs import sequence_logprobs
+from tests.fakes import RecordingEngine, ScriptedEnv
 
 pytestmark = pytest.mark.vllm
 
 
-class ToolEnv:
+def tool_env(finish_after: int = 4) -> ScriptedEnv:
     """Scripted env: a tool observation after every turn, terminates (reward 1) after `finish_after` turns."""
-
-    def __init__(self, finish_after: int = 4, stop: str = "</tool>"):
-        self.finish_after, self.stop_strings = finish_after, [stop]
-        self.transcript: list[dict] = []
-
-    @property
-    def unwrapped(self):
-        return self
-
-    def reset(self, seed=None, options=None):
-        self.t = 0
-        self.transcript = [
-            {"role": "system", "content": "Use the python tool."},
-            {"role": "user", "content": f"Task {(options or {}).get('task_index')}: 6*7?"},
-        ]
-        return list(self.transcript), {}
-
-    def step(self, text):
-        self.t += 1
-        self.transcript.append({"role": "assistant", "content": text})
-        info = {"tool_calls": 1, "tool_errors": 0}
-        if self.t >= self.finish_after:
-            return [], 1.0, True, False, info
-        obs = [{"role": "tool", "content": f"out[{self.t}]: 42"}]
-        self.transcript += obs
-        return obs, 0.0, False, False, info
-
-    async def astep(self, text):
-        await asyncio.sleep(0.001)
-        return self.step(text)
-
-    def close(self):
-        pass
-
-
-class Recording(Engine):
-    """Wraps an engine and records every (prompt, generation)."""
-
-    def __init__(self, inner):
-        self.inner, self.calls, self.max_model_len = inner, [], inner.max_model_len
-
-    def generate(self, prompts, sampling):
-        return self.inner.generate(prompts, sampling)
-
-    async def agenerate(self, prompt, sampling):
-        g = await self.inner.agenerate(prompt, sampling)
-        self.calls.append((list(prompt), g))
-        return g
-
-    def load_weights(self, state_dict):
-        self.inner.load_weights(state_dict)
+    return ScriptedEnv(finish_after, delay=0.001)
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +31,9 @@ def bf16_engine(tiny_model_dir):
 
 
 def test_multiturn_masks_prefix_and_drift_on_vllm_bf16(bf16_engine, tiny_tokenizer, tiny_model_dir):
-    engine = Recording(bf16_engine)
-    envs: list[ToolEnv] = []
-
-    def env_fn():
-        envs.append(ToolEnv())
-        return envs[-1]
-
+    engine = RecordingEngine(bf16_engine)
     cfg = RolloutConfig(max_tokens_per_turn=12, on_turn_limit="continue", max_turns=6, seed=0, temperature=1.0)
-    runner = RolloutRunner(engine, tiny_tokenizer, env_fn, cfg)
+    runner = RolloutRunner(engine, tiny_tokenizer, tool_env, cfg)
     trajs = runner.run([0, 1], n_per_task=3, policy_version=2)
     chat = ChatTemplate(tiny_tokenizer)
     assert len(trajs) == 6 and [t.group_id for t in trajs] == [0, 0, 0, 1, 1, 1]
@@ -137,13 +80,13 @@ def test_stop_string_turn_on_vllm_then_template_eos_masked(bf16_engine, tiny_tok
     """Greedy decoding, stop string = a token the model is known to produce: the turn ends on it (kept, with its
     logprob), and the template's <|im_end|> that follows is a masked, non-model token."""
     chat = ChatTemplate(tiny_tokenizer)
-    env = ToolEnv(finish_after=2)
+    env = tool_env(2)
     first_prompt = chat.encode(chat.render(env.reset(options={"task_index": 0})[0], add_generation_prompt=True))
     greedy = bf16_engine.generate([first_prompt], SamplingConfig(temperature=0.0, max_tokens=12))[0]
     texts = [tiny_tokenizer.decode([x]) for x in greedy.token_ids]
     k = next(i for i in range(2, 12) if texts[i].strip() and texts[i] not in "".join(texts[:i]))
     cfg = RolloutConfig(max_tokens_per_turn=12, temperature=0.0, stop_strings=[texts[k]], on_turn_limit="continue")
-    (t,) = RolloutRunner(bf16_engine, tiny_tokenizer, lambda: ToolEnv(finish_after=2), cfg).run([0])
+    (t,) = RolloutRunner(bf16_engine, tiny_tokenizer, lambda: tool_env(2), cfg).run([0])
     s, e = t.turn_spans[0]
     assert t.completion_ids[s:e] == greedy.token_ids[: k + 1]
     assert t.completion_ids[e] == tiny_tokenizer.convert_tokens_to_ids("<|im_end|>") and t.loss_mask[e] == 0

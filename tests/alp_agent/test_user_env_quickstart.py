@@ -9,12 +9,11 @@ trainer is the real one on the tiny model.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from pathlib import Path
 
-from alp_agent.engine.base import Engine, Generation
+from tests.fakes import Reply, ScriptedPolicy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,33 +26,15 @@ def readme_env_module() -> str:
     return block
 
 
-class ConvertPolicy(Engine):
+def convert_policy(text: str, stop: tuple[str, ...]) -> Reply:
     """Calls `convert` when the prompt describes it (with the <tool_call> format); boxes a tool result it sees."""
-
-    max_model_len = 2048
-
-    def __init__(self, tokenizer):
-        self.tok, self.prompts, self.weight_loads = tokenizer, [], 0
-
-    def generate(self, prompts, sampling):
-        return [asyncio.run(self.agenerate(p, sampling)) for p in prompts]
-
-    async def agenerate(self, prompt, sampling):
-        text = self.tok.decode(prompt)
-        self.prompts.append(text)
-        result = re.findall(r"<\|im_start\|>tool\n(.*?)<\|im_end\|>", text, re.DOTALL)
-        call = '<tool_call>\n{"name": "convert", "arguments": {"value": 3, "unit": "km"}}\n</tool_call>'
-        if result:
-            reply, eos = f"3 km is \\boxed{{{result[-1].strip()}}} meters.", True
-        elif '"name": "convert"' in text and "<tool_call>" in text:
-            reply, eos = call, False  # ends on the env's stop string, as vLLM returns it
-        else:
-            reply, eos = "I cannot convert that.", True
-        ids = self.tok(reply, add_special_tokens=False)["input_ids"] + ([self.tok.eos_token_id] if eos else [])
-        return Generation(ids, [-0.1] * len(ids), "stop", None if eos else "</tool_call>")
-
-    def load_weights(self, state_dict):
-        self.weight_loads += 1
+    result = re.findall(r"<\|im_start\|>tool\n(.*?)<\|im_end\|>", text, re.DOTALL)
+    if result:
+        return f"3 km is \\boxed{{{result[-1].strip()}}} meters.", True
+    if '"name": "convert"' in text and "<tool_call>" in text:
+        # ends on the env's stop string, as vLLM returns it
+        return '<tool_call>\n{"name": "convert", "arguments": {"value": 3, "unit": "km"}}\n</tool_call>', False
+    return "I cannot convert that.", True
 
 
 def test_readme_env_trains_one_batch_from_a_quickstart_based_config(tiny_model_dir, tmp_path, monkeypatch):
@@ -86,7 +67,7 @@ trainer:
     cfg = load_config(RunConfig, config)
     assert cfg.env.kwargs == {} and cfg.eval.env_kwargs == {}
     assert cfg.rollout.max_turns == 3  # the rest of the quickstart is inherited
-    policy = ConvertPolicy(load_tokenizer(tiny_model_dir))
+    policy = ScriptedPolicy(load_tokenizer(tiny_model_dir), convert_policy, max_model_len=2048)
     monkeypatch.setattr(factory, "make_engine", lambda engine_cfg: policy)
 
     summary = train(cfg, progress=False)
