@@ -114,9 +114,9 @@ def _draw_ratio_envelope(step: list[dict]):
 def _draw_kl(step: list[dict]):
     def draw(ax) -> None:
         for key, label in [
-            ("kl_train_infer/noisy/k3", "train(perturbed)-infer k3"),
-            ("kl_train_infer/clean/k3", "train(clean)-infer k3"),
-            ("kl_noise/k3", "noise alone k3"),
+            ("kl_train_infer/noisy/k3", "KL(μ‖π perturbed) k3"),
+            ("kl_train_infer/clean/k3", "KL(μ‖π clean) k3"),
+            ("kl_noise/exact", "noise alone, exact KL(clean‖perturbed)"),
         ]:
             x, y = series(step, key)
             if y:
