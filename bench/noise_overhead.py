@@ -17,8 +17,8 @@ Variants:
   alp_naive   ALP with a naive `h + exp(s) * eps` (autograd saves eps per layer): what the custom Function avoids.
   bypass_ckpt / alp_ckpt (--ckpt): the same with activation checkpointing (ratios against bypass_ckpt).
 
-    python bench/trainer.py                      # CPU defaults (several minutes on 2 busy cores)
-    python bench/trainer.py --device cuda --hidden 1024 --layers 16 --seq 1024 --batch 32 --micro-tokens 16384
+    python bench/noise_overhead.py                      # CPU defaults (several minutes on 2 busy cores)
+    python bench/noise_overhead.py --device cuda --hidden 1024 --layers 16 --seq 1024 --batch 32 --micro-tokens 16384
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def main() -> None:
     ap.add_argument("--clean-every", type=int, default=0, help="clean-forward metrics every N steps (0: off)")
     ap.add_argument("--ckpt", action="store_true", help="also run the activation-checkpointing variants")
     ap.add_argument("--variants", default="bypass,alp,alp_naive")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "trainer.json"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "noise_overhead.json"))
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     variants = args.variants.split(",") + (["bypass_ckpt", "alp_ckpt"] if args.ckpt else [])

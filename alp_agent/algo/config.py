@@ -303,7 +303,8 @@ class UpdateConfig(_Strict):
     micro_batch_tokens: int = Field(
         4096,
         ge=1,
-        description="Token budget (rows x padded length) of a micro-batch; sequences are bucketed by length.",
+        description="Token budget of a micro-batch (gradient accumulation): packed, the sum of its trajectories' "
+        "lengths; padded (pack: false), rows x the longest row, with rows bucketed by length.",
     )
     max_micro_batch_size: int = Field(64, ge=1, description="Upper bound on rows per micro-batch.")
     shuffle: bool = Field(True, description="Shuffle trajectories before splitting into mini-batches (seeded).")

@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="Train with ALP (or a baseline) on a registered env.", epilog=EPILOG)
     t.add_argument("--config", "-c", help="YAML run config (see configs/); defaults apply where absent.")
+    t.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="Show third-party logs too.")
     t.add_argument(
         "--resume", action="store_true", help="Continue the run in run.out_dir/run.name from its last checkpoint."
     )
@@ -200,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.verbose:  # vLLM/torch FutureWarnings, vLLM start-up warnings, tqdm bars (issue 15.9)
+        from alp_agent.app.progress import quiet_third_party
+
+        quiet_third_party()
     try:
         return int(args.fn(args) or 0)
     except ConfigError as e:

@@ -97,3 +97,24 @@ class Progress:
             self.state["eval_hist"].append(eval_acc)
             line = f"eval accuracy {eval_acc:.3f}"
         self._refresh(line)
+
+
+def quiet_third_party() -> None:
+    """Hide third-party noise (issue 15.9): FutureWarning/DeprecationWarning from vLLM, torch and transformers, vLLM's
+    INFO/WARNING start-up lines (the NUMA-binding and thread-reduction warnings among them) and raw tqdm bars (the GGUF
+    conversion's and vLLM's weight loading). Our own progress lines are untouched. `alp-agent --verbose` skips this.
+    Environment values a user set win (setdefault); call it before vLLM is imported (it reads its level then)."""
+    import logging
+    import os
+    import warnings
+
+    for cat in (FutureWarning, DeprecationWarning, UserWarning):
+        for mod in ("vllm", "torch", "transformers", "gguf", "triton", "huggingface_hub", "pydantic"):
+            warnings.filterwarnings("ignore", category=cat, module=mod)
+    warnings.filterwarnings("ignore", message=".*reduce_op.*is deprecated.*")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm >= 4.66 reads it: every bar, whoever opens it
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("vllm", "transformers", "torch", "gguf"):
+        logging.getLogger(name).setLevel(logging.ERROR)

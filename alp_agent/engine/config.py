@@ -13,10 +13,12 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field("smollm2", description="'smollm2' (embedded default), a Hugging Face id, or a local folder.")
-    dtype: Literal["bfloat16", "float16", "float32", "auto"] = Field(
+    dtype: Literal["bfloat16", "float16", "float32", "auto", "bfloat16_if_native"] = Field(
         "bfloat16",
         description="Inference dtype. bfloat16 against the float32 trainer is the paper's mismatch setting; float32 "
-        "makes vLLM and the trainer agree to ~1e-5 (parity tests).",
+        "makes vLLM and the trainer agree to ~1e-5 (parity tests). bfloat16_if_native: bfloat16 on a GPU or a CPU "
+        "with avx512_bf16/AMX, float32 on other CPUs, where vLLM's bf16 generation is ~1.8x slower (81 vs 143 tok/s "
+        "measured on a 2-core Xeon without avx512_bf16); resolved when the config is validated.",
     )
     weight_quantization: Literal["none", "int8", "fp8"] = Field(
         "none",
@@ -92,6 +94,14 @@ class EngineConfig(BaseModel):
     )
 
     @model_validator(mode="after")
+    def _resolve_dtype(self) -> EngineConfig:
+        if self.dtype == "bfloat16_if_native":
+            from alp_agent.train.hardware import engine_dtype_for
+
+            self.dtype = engine_dtype_for(self.devices is not None or _has_cuda())
+        return self
+
+    @model_validator(mode="after")
     def _check_placement(self) -> EngineConfig:
         if self.num_engines > 1 and self.placement != "process":
             raise ValueError(
@@ -103,3 +113,9 @@ class EngineConfig(BaseModel):
                 f"{self.num_engines * self.tensor_parallel_size}"
             )
         return self
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

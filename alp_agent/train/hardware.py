@@ -93,3 +93,24 @@ def with_compute_dtype(cfg, device_type: str):
     """(a copy of the TrainerConfig with update.dtype resolved, the reason): what the trainer runs and logs."""
     dt, why = resolve_compute_dtype(cfg.update.dtype, device_type)
     return cfg.model_copy(update={"update": cfg.update.model_copy(update={"dtype": dt})}), why
+
+
+def startup_lines(trainer, engine_cfg) -> list[str]:
+    """What the job prints once the trainer exists: the compute dtype and why, and the memory floor."""
+    params = sum(p.numel() for p in trainer.model.parameters())
+    eng_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}.get(engine_cfg.dtype, 4) * engine_cfg.num_engines
+    kv = engine_cfg.cpu_kvcache_space_gib * engine_cfg.num_engines if trainer.device.type == "cpu" else 0
+    floor = memory_floor(params, eng_bytes, kv, extra_param_copies=int(trainer.ref_model is not None))
+    return [
+        f"trainer compute dtype {trainer.cfg.update.dtype} ({trainer.dtype_reason}); engine dtype {engine_cfg.dtype}",
+        floor.describe() + "; activations and runtime come on top (target: peak RSS <= floor + 1.5 GiB)",
+    ]
+
+
+def engine_dtype_for(gpu: bool, flags: frozenset[str] | None = None) -> str:
+    """engine.dtype bfloat16_if_native: bfloat16 on a GPU or a native-bf16 CPU (vLLM's CPU kernels use the bf16
+    instructions directly; ONEDNN_MAX_CPU_ISA does not cap them), float32 otherwise."""
+    if gpu:
+        return "bfloat16"
+    have = flags if flags is not None else cpu_flags()
+    return "bfloat16" if any(f in have for f in _BF16_FLAGS) else "float32"

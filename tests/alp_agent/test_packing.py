@@ -158,3 +158,20 @@ def test_memory_floor_counts_adamw_and_engine():
     f = memory_floor(100, 2, 1)
     assert f.trainer_bytes == 1600 and f.engine_bytes == 200 and f.kv_bytes == 1024**3
     assert "GiB" in f.describe()
+
+
+def test_engine_dtype_bf16_if_native():
+    from alp_agent.train.hardware import engine_dtype_for
+
+    assert engine_dtype_for(False, frozenset({"avx2"})) == "float32"
+    assert engine_dtype_for(False, frozenset({"avx512_bf16"})) == "bfloat16"
+    assert engine_dtype_for(True, frozenset()) == "bfloat16"
+
+
+def test_startup_lines_say_dtype_and_floor():
+    from alp_agent.engine.config import EngineConfig
+    from alp_agent.train.hardware import startup_lines
+
+    tr = Trainer(tiny(), config(update={"dtype": "float32"}))
+    lines = startup_lines(tr, EngineConfig(dtype="float32"))
+    assert "float32" in lines[0] and "set in the config" in lines[0] and "memory floor" in lines[1]
