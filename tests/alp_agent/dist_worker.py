@@ -11,6 +11,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+# torchrun starts this file as a script: its folder is on sys.path (test_trainer), the repository root (tests.fakes) not
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))
+
 import torch
 from test_trainer import config, make_batch, tiny
 
@@ -18,7 +21,9 @@ from alp_agent.algo.config import DistConfig
 from alp_agent.train import distributed as D
 from alp_agent.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alp_agent.train.logprobs import sequence_logprobs
+from alp_agent.train.loop import FunctionSampler
 from alp_agent.train.trainer import Trainer
+from tests.fakes import WeightSink
 
 OUT = Path(".")  # set by main() from argv
 
@@ -156,28 +161,6 @@ def resume() -> None:
     save("resume", res)
 
 
-class FakeEngine:
-    """Stands in for vLLM on rank 0: counts weight loads and keeps the last state dict."""
-
-    def __init__(self) -> None:
-        self.loads = 0
-        self.loaded: dict = {}
-
-    def load_weights(self, sd: dict) -> None:
-        self.loads += 1
-        self.loaded = dict(sd)
-
-
-class FakeRunner:
-    """Stands in for the rollout: random episodes (engine logprobs from the initial tiny model)."""
-
-    def __init__(self) -> None:
-        self.last_metrics: dict = {}
-
-    def run(self, tasks: list[int], n: int, version: int):
-        return make_batch(tiny(), groups=len(tasks), n=n, seed=version)
-
-
 def job(strategy: str) -> None:
     """`alp-agent train`'s job under torchrun (inference side faked on rank 0): 2 batches, then resume to 3."""
     from alp_agent.app import job as J
@@ -187,10 +170,17 @@ def job(strategy: str) -> None:
     if D.rank() == 0 and not model_dir.exists():
         tiny().save_pretrained(model_dir)
     D.barrier()
-    engine = FakeEngine()
-    J.build_inference = lambda cfg: J.Components(
-        cfg, None, engine, None, FakeRunner(), None, model_dir=str(model_dir), num_tasks=4
-    )
+    engine = WeightSink()
+
+    def fake_inference(cfg: RunConfig) -> J.Components:
+        """Rank 0's inference side: a weight sink for vLLM, random episodes (engine logprobs from the initial tiny
+        model) for the rollout."""
+        sampler = FunctionSampler(lambda tasks, n, version: make_batch(tiny(), groups=len(tasks), n=n, seed=version))
+        return J.Components(
+            cfg, None, engine, None, sampler, None, model_dir=str(model_dir), num_tasks=4, num_eval_tasks=0
+        )
+
+    J.build_inference = fake_inference
     trainer = config(dist={"strategy": strategy}).model_dump()
     base = {
         "engine": {"model": str(model_dir)},
@@ -215,7 +205,7 @@ def job(strategy: str) -> None:
         {
             "first": first,
             "again": again,
-            "engine_loads": engine.loads,
+            "engine_loads": engine.weight_loads,
             "engine_keys": sorted(engine.loaded),
             "model_keys": sorted(tiny().state_dict()),
         },
