@@ -15,6 +15,7 @@ from alp_agent.train.logging import MetricsWriter
 from alp_agent.train.logprobs import sequence_logprobs
 from alp_agent.train.loop import FunctionSampler, LoopConfig, run_training
 from alp_agent.train.trainer import Trainer
+from tests.fakes import WeightSink
 
 VOCAB = 64
 
@@ -193,19 +194,11 @@ def test_unusable_trajectories_dropped_and_zero_groups_counted():
 
 
 # ------------------------------------------------------------------ weights out
-class FakeEngine:
-    def __init__(self):
-        self.loaded = None
-
-    def load_weights(self, sd):
-        self.loaded = dict(sd)
-
-
 def test_sync_weights_without_log_sigma_and_version():
     m = tiny()
     tr = Trainer(m, config())
     tr.update(make_batch(tiny()))
-    eng = FakeEngine()
+    eng = WeightSink()
     tr.sync_weights(eng)
     assert tr.policy_version == 1
     assert set(eng.loaded) == set(m.state_dict())
@@ -355,7 +348,7 @@ def test_short_real_loop_raises_reward(tmp_path):
         return out
 
     loop = LoopConfig(8, 15, 8, 8, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=5)
-    hist = run_training(tr, FunctionSampler(rollout), FakeEngine(), loop)
+    hist = run_training(tr, FunctionSampler(rollout), WeightSink(), loop)
     writer.close()
     first = sum(h["reward/mean"] for h in hist[:2]) / 2
     last = sum(h["reward/mean"] for h in hist[-2:]) / 2
