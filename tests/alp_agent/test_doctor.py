@@ -210,8 +210,9 @@ def test_doctor_cli_json_and_exit_code(tiny_model_dir, capsys):
         "rollout.max_tokens_per_turn=16",
         "engine.max_model_len=1024",
     ]
-    assert main(args) == 0
+    rc = main(args)
     report = json.loads(capsys.readouterr().out)
+    assert rc == 0, [(c["name"], c["summary"], c["details"]) for c in report["checks"] if c["status"] == FAIL]
     names = [c["name"] for c in report["checks"]]
     assert names == ["machine", "template", "masks", "logprob parity", "ALP noise", "sandbox"]
     assert report["status"] in (PASS, WARN) and all(c["status"] != FAIL for c in report["checks"])
