@@ -34,6 +34,20 @@ def _width(rec: dict) -> float | None:
     return None if lo is None or hi is None else float(hi) - float(lo)
 
 
+def _batch_steps(steps: list[dict], batches: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The step records of the first and of the last rollout batch. A batch record is written after its steps, so
+    the log times split them (batches can have fewer steps than updates_per_batch when void turns empty a
+    mini-batch); records without times fall back to an even split."""
+    if not steps or not batches:
+        return [], []
+    if all("time" in r for r in steps) and all("time" in b for b in batches):
+        first = [r for r in steps if r["time"] <= batches[0]["time"]]
+        last = [r for r in steps if len(batches) < 2 or r["time"] > batches[-2]["time"]]
+        return first, last
+    n = len(steps) // len(batches)
+    return steps[:n], steps[-n:] if n else []
+
+
 def step0_kl(run_dir: Path) -> float | None:
     """The first optimizer step's clean KL: measured before any update, i.e. the mismatch alone."""
     kl = _vals(_records(run_dir).get("step", []), KL_KEY)
@@ -44,19 +58,19 @@ def summarize_run(run_dir: Path, kl_threshold: float) -> dict[str, float | None]
     """The table's numbers for one run (None where the run did not log the metric)."""
     m = _records(run_dir)
     steps, batches, evals = m.get("step", []), m.get("batch", []), m.get("eval", [])
-    per_batch = len(steps) // max(len(batches), 1)
+    first, last = _batch_steps(steps, batches)
     kl = _vals(steps, KL_KEY)
     acc = _vals(evals, "accuracy")
     reward = _vals(batches, "reward/mean")
     end = batches[-1] if batches else {}
     widths = [w for w in map(_width, batches) if w is not None]
-    b1 = _vals(steps[:per_batch], KL_KEY) if per_batch else []
+    b1 = _vals(first, KL_KEY)
 
     def mx(key: str) -> float | None:
         v = _vals(steps, key)
         return max(v) if v else None
 
-    ent = _vals(steps[-per_batch:] if per_batch else [], "entropy")
+    ent = _vals(last, "entropy")
     return {
         "acc_before": acc[0] if acc else None,
         "acc_final": acc[-1] if acc else None,

@@ -222,3 +222,19 @@ def test_cpu_info_and_run_info(tmp_path):
     saved = json.loads((tmp_path / "run_info.json").read_text())
     assert saved["weight_quantization"] == "int8" and saved["trainer_dtype"] == "float32"
     assert saved["seconds"] == 91.0 and len(saved["attempts"]) == 2 and saved["cpu"]["model"]
+
+
+def test_batch_one_is_found_by_log_order_with_uneven_batches(tmp_path):
+    from alp_agent.app.repro_report import summarize_run
+
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    for i, k in enumerate([1e-3, 2e-3, 5e-3], 1):  # batch 1: three steps
+        w.write("step", i, {"kl_train_infer/clean/k3": k, "entropy": 9.0})
+    w.write("batch", 1, {})
+    for i, k in enumerate([1e-2, 2e-2, 3e-2, 4e-2, 5e-2], 4):  # batch 2: five steps (void turns emptied none)
+        w.write("step", i, {"kl_train_infer/clean/k3": k, "entropy": 1.0})
+    w.write("batch", 2, {})
+    w.close()
+    s = summarize_run(tmp_path, kl_threshold=1.0)
+    assert s["kl_batch1_end"] == 5e-3 and s["kl_batch1_growth"] == pytest.approx(5.0)  # not the 4th step's 1e-2
+    assert s["entropy_end"] == 1.0
