@@ -21,6 +21,7 @@ from alp_agent.train.tail import tail_metrics
 
 TOKEN_KEYS = ("log_ratio", "d_infer", "clean", "noisy", "inf", "entropy", "ent_train", "tags", "noise_kl")
 SEQ_KEYS = ("log_ratio", "d_infer", "clean_d_infer")
+_DTYPES = {"tags": torch.long}  # an empty share (a rank with no row) must concatenate with the others' as the same type
 
 
 def ratio_metrics(raw: dict[str, torch.Tensor], base_name: str, clamp: float) -> dict[str, float]:
@@ -102,7 +103,7 @@ class StepStats:
         n["real_tokens"] += int(mb.attn.sum())
 
     def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        cat = {k: torch.cat(v) if v else torch.empty(0) for k, v in self.tok.items()}
+        cat = {k: torch.cat(v) if v else torch.empty(0, dtype=_DTYPES.get(k)) for k, v in self.tok.items()}
         seq = {k: torch.cat(v) if v else torch.empty(0) for k, v in self.seq.items()}
         return cat, seq
 
