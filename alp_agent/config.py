@@ -9,19 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from alp_agent.algo.config import TrainerConfig
 from alp_agent.engine.config import EngineConfig
 from alp_agent.rollout.config import RolloutConfig
+from alp_agent.schema import StrictModel
 from sandbox.config import SandboxConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class EnvSection(_Strict):
+class EnvSection(StrictModel):
     """Which registered env to train on and its constructor options (validated by the env's own config model)."""
 
     id: str = Field("alp/MathTool-v0", description="Gymnasium id; `alp-agent envs` lists the registered ones.")
@@ -35,7 +32,7 @@ class EnvSection(_Strict):
     )
 
 
-class EvalSection(_Strict):
+class EvalSection(StrictModel):
     """Held-out evaluation inside training (and the defaults of `alp-agent eval`)."""
 
     env_kwargs: dict[str, Any] = Field(
@@ -52,7 +49,7 @@ class EvalSection(_Strict):
     before_and_after: bool = Field(True, description="Evaluate before the first and after the last batch.")
 
 
-class RunSection(_Strict):
+class RunSection(StrictModel):
     """The outer loop: how many batches, how big, where outputs go."""
 
     name: str = Field("run", description="Run name; the run directory is out_dir/name.")
@@ -86,7 +83,7 @@ class RunSection(_Strict):
     )
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     """Everything `alp-agent train` needs. `configs/quickstart.yaml` is a complete, commented example."""
 
     run: RunSection = Field(default_factory=RunSection, description="Outer loop and outputs.")

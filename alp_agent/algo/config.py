@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from alp_agent.schema import StrictModel
 
 AlgoName = Literal["alp", "bypass", "grpo", "tis", "mis", "gspo"]
 RatioLevel = Literal["token", "sequence", "geo_sequence"]
@@ -40,11 +42,7 @@ _IS = {
 }
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class PerturbConfig(_Strict):
+class PerturbConfig(StrictModel):
     """Layerwise Gaussian perturbation of the training forward (docs/method.md "The perturbation")."""
 
     enabled: bool | None = Field(
@@ -130,7 +128,7 @@ class PerturbConfig(_Strict):
         return self
 
 
-class AlgoConfig(_Strict):
+class AlgoConfig(StrictModel):
     """The policy-gradient loss. `name` switches between ALP and every baseline of the paper through one code path."""
 
     name: AlgoName = Field(
@@ -274,7 +272,7 @@ class AlgoConfig(_Strict):
         return self.name in ("grpo", "tis", "mis", "gspo")
 
 
-class OptimConfig(_Strict):
+class OptimConfig(StrictModel):
     """AdamW on float32 master weights (docs/method.md: same in both reference settings)."""
 
     lr: float = Field(1e-6, gt=0, description="Policy learning rate ([math] and [tool]: 1e-6).")
@@ -294,7 +292,7 @@ class OptimConfig(_Strict):
     )
 
 
-class UpdateConfig(_Strict):
+class UpdateConfig(StrictModel):
     """How one rollout batch becomes optimizer steps."""
 
     updates_per_batch: int = Field(
@@ -315,11 +313,13 @@ class UpdateConfig(_Strict):
         "(where bf16 is emulated, ~4x slower). The choice and its reason are logged at start-up.",
     )
     logprob_chunk_tokens: int = Field(
-        1024,
+        128,
         ge=0,
         description="Log-probs and entropy from the last hidden states x lm_head in chunks of this many tokens, "
         "forward and backward (a custom autograd function), so no [tokens x vocab] float32 logits or their gradient "
-        "exist for a whole micro-batch. 0 = the model's full logits (needed for logits-target noise and FSDP2).",
+        "exist for a whole micro-batch. 128 keeps a chunk's [128 x 49k] float32 block under glibc's 32 MiB mmap "
+        "threshold, so it is reused instead of faulted in anew (3x fewer page faults measured). 0 = the model's full "
+        "logits (needed for logits-target noise and FSDP2).",
     )
     pack: bool = Field(
         True,
@@ -346,7 +346,7 @@ class UpdateConfig(_Strict):
     seed: int = Field(0, description="Seed of mini-batch shuffling.")
 
 
-class DistConfig(_Strict):
+class DistConfig(StrictModel):
     """Several trainer processes under `torchrun` (ignored without it: a plain run is one process)."""
 
     strategy: Literal["none", "ddp", "fsdp2"] = Field(
@@ -379,7 +379,7 @@ class DistConfig(_Strict):
     )
 
 
-class TrainerConfig(_Strict):
+class TrainerConfig(StrictModel):
     """Everything `Trainer` needs besides the model."""
 
     algo: AlgoConfig = Field(default_factory=AlgoConfig, description="Loss, baselines and perturbation.")

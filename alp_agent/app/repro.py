@@ -27,17 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from alp_agent.config_io import ConfigError, read_yaml_with_base, validate
+from alp_agent.schema import StrictModel
 from alp_agent.train.checkpoint import latest_checkpoint
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ReproGroup(_Strict):
+class ReproGroup(StrictModel):
     """One comparison: these arms, in these settings, with these seeds (one table and one figure per setting)."""
 
     name: str = Field(..., description="Group name (table heading, plot file prefix).")
@@ -46,7 +43,7 @@ class ReproGroup(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="run.seed and noise seed values.")
 
 
-class ReproPlan(_Strict):
+class ReproPlan(StrictModel):
     """What `alp-agent repro` runs. Overrides are `{dotted.key: value}` maps applied over `config`."""
 
     config: str = Field(..., description="Training config shared by every run (relative to the plan file).")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from alp_agent.schema import StrictModel
 
 
-class EngineConfig(BaseModel):
+class EngineConfig(StrictModel):
     """How to start the inference engine. Sampling knobs are per request (SamplingConfig), not here."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str = Field("smollm2", description="'smollm2' (embedded default), a Hugging Face id, or a local folder.")
     dtype: Literal["bfloat16", "float16", "float32", "auto", "bfloat16_if_native"] = Field(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from alp_agent.schema import StrictModel
 
 
-class RolloutConfig(BaseModel):
+class RolloutConfig(StrictModel):
     """How episodes are sampled. Truncation cases and their `finish_reason`:
 
     - "prompt_too_long": the rendered prompt alone exceeds `max_prompt_tokens` (or leaves no room in the context);
@@ -22,8 +24,6 @@ class RolloutConfig(BaseModel):
       "template_error": the chat template raised while rendering an observation (its message is in info).
       A template that rewrites history never ends an episode (chat.py: deltas come from a stub conversation).
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     max_turns: int = Field(5, ge=1, description="Model turns per episode (the paper: 5 train, 10 eval).")
     max_tokens_per_turn: int = Field(512, ge=1, description="Token limit of one model turn.")

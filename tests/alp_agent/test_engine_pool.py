@@ -181,7 +181,10 @@ def test_async_training_on_the_pool_records_the_true_version(pool, tiny_model_di
     from alp_agent.train.trainer import Trainer
 
     model = load_model(tiny_model_dir)
-    cfg = TrainerConfig.model_validate({"optim": {"lr": 5e-2}, "update": {"updates_per_batch": 1}})
+    # every turn here is cut at 8 tokens (void): keep them in the loss so the weights move between versions
+    cfg = TrainerConfig.model_validate(
+        {"optim": {"lr": 5e-2}, "update": {"updates_per_batch": 1}, "algo": {"mask_void_turns": False}}
+    )
     trainer = Trainer(model, cfg)
     snapshots = {0: {k: v.clone() for k, v in model.state_dict().items()}}
     sampled: list = []
