@@ -3,8 +3,8 @@
 Model: SmolLM2-135M-Instruct (the embedded default), float32 master weights. Batch: 36 real quickstart-style
 trajectories (prompt + multi-turn completion with tool observations, real token ids and masks) read from the
 sample files of earlier runs (results/repro/runs/*/samples.jsonl, the same system prompt and env as the quickstart),
-trained like the quickstart: Seq-ALP, 4 optimizer steps per batch, micro-batches of 4096 tokens, clean metrics off
-(they add a no-grad forward; counted separately by bench/e2e.py).
+trained like the quickstart: Seq-ALP, 4 optimizer steps per batch, micro-batches of --micro-tokens (quickstart:
+1024), clean metrics off (they add a no-grad forward; counted separately by bench/e2e.py).
 
 Variants, each in a fresh process (peak RSS and page faults do not mix; two trainers with full logits do not fit
 beside six other jobs in 24 GB), run one after the other; each measures its own matmul peak before and after:
@@ -78,7 +78,7 @@ def load_trajectories(pattern: str, n: int):
     return out
 
 
-def build(variant: str, dtype: str, state: dict):
+def build(variant: str, dtype: str, state: dict, micro_tokens: int):
     import torch
 
     from alp_agent.algo.config import TrainerConfig
@@ -87,7 +87,7 @@ def build(variant: str, dtype: str, state: dict):
 
     model = load_model("smollm2", dtype=torch.float32)
     model.load_state_dict(state)
-    upd = {"updates_per_batch": 4, "micro_batch_tokens": 4096, "clean_metrics_every": 0, "dtype": dtype}
+    upd = {"updates_per_batch": 4, "micro_batch_tokens": micro_tokens, "clean_metrics_every": 0, "dtype": dtype}
     upd.update(VARIANTS[variant])
     cfg = TrainerConfig.model_validate(
         {
@@ -154,12 +154,14 @@ def child(variant: str, dtype: str, args) -> dict:
     import torch
 
     from alp_agent.models import load_model
+    from alp_agent.train.hardware import keep_freed_memory
 
+    allocator = keep_freed_memory() if args.allocator == "keep" else "glibc defaults"
     trajs = load_trajectories(args.samples, args.trajectories)
     state = load_model("smollm2", dtype=torch.float32).state_dict()
     tdt = torch.float32 if dtype == "float32" else torch.bfloat16
     peaks = [matmul_gflops(tdt)]
-    trainer = build(variant, dtype, state)
+    trainer = build(variant, dtype, state, args.micro_tokens)
     del state
     work = flops(trainer, trajs)
     warm = timed_update(trainer, trajs)  # first backward, AdamW state allocation
@@ -170,6 +172,7 @@ def child(variant: str, dtype: str, args) -> dict:
     return {
         "variant": variant,
         "dtype": dtype,
+        "allocator": allocator,
         **work,
         **best,
         "warmup": warm,
@@ -188,8 +191,10 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--batches", type=int, default=2, help="timed batches per variant (after one warm-up)")
     ap.add_argument("--trajectories", type=int, default=36)
+    ap.add_argument("--micro-tokens", type=int, default=1024, help="update.micro_batch_tokens (quickstart: 1024)")
     ap.add_argument("--samples", default="results/repro/runs/*/samples.jsonl")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "trainer.json"))
+    ap.add_argument("--allocator", default="keep", choices=["keep", "default"], help="keep: glibc keeps freed buffers")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -210,7 +215,8 @@ def main() -> None:
     results = []
     for v, d in dict.fromkeys(combos):  # one fresh process each: peaks and page faults do not mix
         cmd = [sys.executable, __file__, "--child", f"{v}:{d}", "--batches", str(args.batches)]
-        cmd += ["--trajectories", str(args.trajectories), "--samples", args.samples]
+        cmd += ["--trajectories", str(args.trajectories), "--samples", args.samples, "--allocator", args.allocator]
+        cmd += ["--micro-tokens", str(args.micro_tokens)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:

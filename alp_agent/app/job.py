@@ -215,7 +215,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
     from alp_agent.train import distributed as D
     from alp_agent.train import ranks
     from alp_agent.train.checkpoint import latest_checkpoint, load_checkpoint
-    from alp_agent.train.hardware import startup_lines
+    from alp_agent.train.hardware import keep_freed_memory, startup_lines
     from alp_agent.train.ranks import Command
 
     if cfg.rollout.temperature <= 0:
@@ -253,7 +253,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
             if dist_on:  # the other ranks build their trainer (and load the checkpoint) with ours
                 ranks.announce(Command.START, (comps.model_dir, str(ckpt) if ckpt is not None else None))
             trainer = comps.trainer = build_trainer(cfg, comps.model_dir, writer)
-            for line in startup_lines(trainer, cfg.engine):  # compute dtype and why, memory floor (issue 15)
+            for line in [keep_freed_memory(), *startup_lines(trainer, cfg.engine)]:  # dtype, floor (issue 15)
                 ui.note(line)
             if ckpt is not None:
                 load_checkpoint(trainer, ckpt)

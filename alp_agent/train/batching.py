@@ -107,23 +107,52 @@ def _sampling(r: Row) -> tuple[float, float, int]:
 
 
 def micro_batches(rows: list[Row], token_budget: int, max_rows: int, packed: bool = False) -> list[list[Row]]:
-    """Group rows of one sampling distribution (temperature, top-p, top-k), longest first, while the micro-batch's
-    model tokens fit the budget: padded, rows x longest row (bucketing keeps padding small because neighbours have
-    similar lengths); packed, the sum of the row lengths (the bins add little: see `pack`). A single row longer
-    than the budget gets its own."""
-    order = sorted(rows, key=lambda r: (_sampling(r), -len(r.ids)))
+    """Micro-batches of rows of one sampling distribution (temperature, top-p, top-k) under the token budget.
+
+    Padded: longest first, rows x longest row <= budget (bucketing: neighbours have similar lengths, so padding
+    stays small). Packed: each micro-batch takes the longest remaining row (its width W), then first-fit-decreasing
+    over *all* remaining rows into at most budget // W bins of width W, so short rows fill the long rows' bins (the
+    bins `collate` builds from these rows are the same ones). A single row longer than the budget gets its own."""
+    groups: dict[tuple[float, float, int], list[Row]] = {}
+    for r in sorted(rows, key=lambda r: -len(r.ids)):
+        groups.setdefault(_sampling(r), []).append(r)
+    out: list[list[Row]] = []
+    for key in sorted(groups):
+        out += (_packed_groups if packed else _bucketed_groups)(groups[key], token_budget, max_rows)
+    return out
+
+
+def _bucketed_groups(order: list[Row], budget: int, max_rows: int) -> list[list[Row]]:
     out: list[list[Row]] = []
     cur: list[Row] = []
-    used = 0
     for r in order:
-        cost = used + len(r.ids) if packed else len(cur[0].ids) * (len(cur) + 1) if cur else len(r.ids)
-        if cur and (_sampling(r) != _sampling(cur[0]) or len(cur) >= max_rows or cost > token_budget):
+        if cur and (len(cur) >= max_rows or len(cur[0].ids) * (len(cur) + 1) > budget):
             out.append(cur)
-            cur, used = [], 0
+            cur = []
         cur.append(r)
-        used += len(r.ids)
-    if cur:
-        out.append(cur)
+    return out + [cur] if cur else out
+
+
+def _packed_groups(order: list[Row], budget: int, max_rows: int) -> list[list[Row]]:
+    out: list[list[Row]] = []
+    left = list(order)  # longest first
+    while left:
+        width = len(left[0].ids)
+        room: list[int] = []
+        taken: list[int] = []
+        for i, r in enumerate(left):
+            n = len(r.ids)
+            b = next((b for b in range(len(room)) if room[b] >= n), None)
+            if b is None and (len(room) + 1) * width <= max(budget, width):
+                room.append(width)
+                b = len(room) - 1
+            if b is not None:
+                room[b] -= n
+                taken.append(i)
+                if len(taken) >= max_rows:
+                    break
+        out.append([left[i] for i in taken])
+        left = [r for i, r in enumerate(left) if i not in set(taken)]
     return out
 
 
