@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . "${ALP_VENV:-.venv}/bin/activate"
 export VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-ERROR}"  # vLLM CPU start-up warnings are noise here
+export TORCH_CPP_LOG_LEVEL="${TORCH_CPP_LOG_LEVEL:-ERROR}"  # C++ warnings (vLLM's NUMA binding) before torch loads
 exec alp-agent train --config configs/quickstart.yaml "$@"

@@ -14,7 +14,8 @@ fi
 PIP="python -m pip --disable-pip-version-check -q"
 stamp="$VENV/.alp-setup-$(sha1sum pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)-$ALP_VLLM"
 if [ -f "$stamp" ]; then
-  $PIP install --no-deps -e . >/dev/null
+  # this machine's pip index config warns about absent find-links folders on every call: not ours to show
+  $PIP install --no-deps -e . >/dev/null 2> >(grep -v "^WARNING: Location" >&2)
   exit 0
 fi
 if [ "$ALP_VLLM" = cpu ]; then

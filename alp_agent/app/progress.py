@@ -116,5 +116,6 @@ def quiet_third_party() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm >= 4.66 reads it: every bar, whoever opens it
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # C++ warnings (vLLM's NUMA binding); read when torch loads
     for name in ("vllm", "transformers", "torch", "gguf"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -82,6 +82,7 @@ class VLLMEngine(FutureEngine):
             "max_num_seqs": config.max_num_seqs,
             "enable_prefix_caching": config.enable_prefix_caching,
             "logprobs_mode": "processed_logprobs",
+            "use_tqdm_on_load": os.environ.get("TQDM_DISABLE", "0") != "1",  # quiet unless --verbose (issue 15.9)
             "distributed_executor_backend": "uni" if config.tensor_parallel_size == 1 else None,
             "tensor_parallel_size": config.tensor_parallel_size,
         }
