@@ -50,7 +50,8 @@ def cmd_envs(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from alp_agent.app.job import build_inference, render_episode
+    from alp_agent.app.job import build_inference
+    from alp_agent.app.samples import render_episode
 
     cfg = load_run_config(args.config, args.overrides)
     comps = build_inference(cfg)

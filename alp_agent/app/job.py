@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from alp_agent.config import RunConfig
 from alp_agent.config_io import ConfigError, deep_merge, dump_config
-from alp_agent.rollout.trajectory import Trajectory
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -166,40 +165,6 @@ def run_eval(comps: Components, policy_version: int, num_tasks: int | None = Non
     return aggregate(records), records
 
 
-def render_episode(t: Trajectory, tokenizer) -> str:
-    """Readable text of one episode: model tokens and tool/template tokens marked apart (decoded for display only)."""
-    lines = [
-        (
-            f"=== task {t.info.get('task_index')} sample {t.info.get('sample_index')} | reward {t.reward:.2f} | "
-            f"turns {t.num_turns} | tool calls {t.num_tool_calls} (errors {t.num_tool_errors}) | {t.finish_reason}"
-        ),
-        "--- prompt ---",
-        tokenizer.decode(t.prompt_ids),
-    ]
-    i, ids, mask = 0, t.completion_ids, t.loss_mask
-    while i < len(ids):
-        j = i
-        while j < len(ids) and mask[j] == mask[i]:
-            j += 1
-        lines.append("--- model ---" if mask[i] else "--- tool / template ---")
-        lines.append(tokenizer.decode(ids[i:j]))
-        i = j
-    return "\n".join(lines) + "\n"
-
-
-def write_samples(run_dir: Path, batch: int, trajs: list[Trajectory], tokenizer, n: int) -> None:
-    if n <= 0 or not trajs:
-        return
-    chosen = trajs[:: max(1, len(trajs) // n)][:n]
-    with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
-        f.writelines(
-            json.dumps({"batch": batch, "text": render_episode(t, tokenizer), **t.to_dict()}) + "\n" for t in chosen
-        )
-    with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
-        f.write(f"\n##### batch {batch}\n")
-        f.writelines(render_episode(t, tokenizer) for t in chosen)
-
-
 def run_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.run.out_dir) / cfg.run.name
 
@@ -209,14 +174,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
 
     Under torchrun (several ranks, trainer.dist.strategy ddp or fsdp2) rank 0 runs this whole job (sandbox, vLLM,
     rollout, eval, logs, checkpoints) and the other ranks only train: see `_follow`."""
-    import torch
-
-    from alp_agent.app.progress import Progress
     from alp_agent.train import distributed as D
-    from alp_agent.train import ranks
-    from alp_agent.train.checkpoint import latest_checkpoint, load_checkpoint
-    from alp_agent.train.hardware import keep_freed_memory, startup_lines
-    from alp_agent.train.ranks import Command
 
     if cfg.rollout.temperature <= 0:
         raise ConfigError(
@@ -230,16 +188,40 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
         # the trainers' process group is this process's default group, which an in-process vLLM would take for its
         # own (and wait for the other ranks in it): rank 0 runs the engine in a child process instead
         cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"placement": "process"})})
+    run_dir = _prepare_run_dir(cfg, resume)
+    summary = _lead(cfg, run_dir, resume, dist_on, progress)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
+    """The run directory with the resolved config in it (refusing to overwrite checkpoints without --resume);
+    torch threads and seed set."""
+    import torch
+
+    from alp_agent.train.checkpoint import latest_checkpoint
+
     run_dir = run_dir_of(cfg)
-    ckpt_dir = run_dir / "checkpoints"
-    if run_dir.exists() and latest_checkpoint(ckpt_dir) is not None and not resume:
+    if run_dir.exists() and latest_checkpoint(run_dir / "checkpoints") is not None and not resume:
         raise ConfigError(f"run directory {run_dir} already holds checkpoints: pass --resume, or set run.name=...")
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
+    return run_dir
 
+
+def _lead(cfg: RunConfig, run_dir: Path, resume: bool, dist_on: bool, progress: bool) -> dict[str, Any]:
+    """Rank 0 (or the only process): build everything, resume if asked, run the loop, release the followers."""
+    from alp_agent.app.progress import Progress
+    from alp_agent.train import distributed as D
+    from alp_agent.train import ranks
+    from alp_agent.train.checkpoint import latest_checkpoint, load_checkpoint
+    from alp_agent.train.hardware import keep_freed_memory, startup_lines
+    from alp_agent.train.ranks import Command
+
+    ckpt_dir = run_dir / "checkpoints"
     ui = Progress(enabled=progress, total=cfg.run.iterations)
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     with ui:
@@ -264,7 +246,6 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
                 trainer.release_followers()
         finally:
             comps.close()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
@@ -315,54 +296,76 @@ def _follow(cfg: RunConfig) -> dict[str, Any]:
     return summary
 
 
+class _HeldOut:
+    """The job's held-out evaluation: per-problem records to eval_batchNNNN.jsonl, accuracy to the progress display,
+    metrics (when asked) to the writer."""
+
+    def __init__(self, cfg: RunConfig, comps: Components, trainer: Trainer, writer, ui, run_dir: Path) -> None:
+        self.cfg, self.comps, self.trainer, self.writer, self.ui, self.run_dir = (
+            cfg,
+            comps,
+            trainer,
+            writer,
+            ui,
+            run_dir,
+        )
+
+    def __call__(self, tag: str) -> dict[str, float] | None:
+        if self.cfg.eval.num_tasks <= 0:
+            return None
+        self.ui.phase(f"eval ({tag})")
+        m, records = run_eval(self.comps, self.trainer.policy_version)
+        with open(self.run_dir / f"eval_batch{self.trainer.batch:04d}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        self.ui.update(eval_acc=m.get("accuracy"))
+        return m
+
+    def logged(self, tag: str) -> float | None:
+        """Evaluate, write the metrics as kind='eval', return the accuracy."""
+        m = self(tag)
+        if m is None:
+            return None
+        self.writer.write("eval", self.trainer.batch, m)
+        return m.get("accuracy")
+
+    def before(self) -> dict[str, Any]:
+        """Accuracy before training: measured on a fresh run, read back on a resumed one."""
+        path = self.run_dir / "summary_before.json"
+        out: dict[str, Any] = {}
+        if self.cfg.eval.before_and_after and self.trainer.batch == 0:
+            out["accuracy_before"] = self.logged("before")
+        elif path.is_file():
+            out.update(json.loads(path.read_text()))
+        path.write_text(json.dumps({"accuracy_before": out.get("accuracy_before")}))
+        return out
+
+
 def _loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir) -> dict[str, Any]:
     """The CLI's job around `run_training` (the one outer loop): held-out eval before/after, sample episodes, the
     progress display, and a whole-batch checkpoint on Ctrl-C."""
+    from alp_agent.app import samples
     from alp_agent.train.checkpoint import save_checkpoint
     from alp_agent.train.episode_log import log_sampled_episodes
     from alp_agent.train.loop import LoopConfig, LoopHooks, run_training
 
-    summary: dict[str, Any] = {}
-
-    def evaluate(tag: str) -> dict[str, float] | None:
-        if cfg.eval.num_tasks <= 0:
-            return None
-        ui.phase(f"eval ({tag})")
-        m, records = run_eval(comps, trainer.policy_version)
-        with open(run_dir / f"eval_batch{trainer.batch:04d}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        ui.update(eval_acc=m.get("accuracy"))
-        return m
-
-    def evaluate_and_log(tag: str) -> float | None:
-        m = evaluate(tag)
-        if m is None:
-            return None
-        writer.write("eval", trainer.batch, m)
-        return m.get("accuracy")
-
-    if cfg.eval.before_and_after and trainer.batch == 0:
-        summary["accuracy_before"] = evaluate_and_log("before")
-    elif (run_dir / "summary_before.json").is_file():
-        summary.update(json.loads((run_dir / "summary_before.json").read_text()))
-    (run_dir / "summary_before.json").write_text(json.dumps({"accuracy_before": summary.get("accuracy_before")}))
-
+    held_out = _HeldOut(cfg, comps, trainer, writer, ui, run_dir)
+    summary: dict[str, Any] = held_out.before()
     last: dict[str, float] = {}
 
     def after_batch(batch: int, metrics: dict) -> None:
-        nonlocal last
-        last = metrics
+        last.clear()
+        last.update(metrics)
         ui.update(batch=batch, metrics=metrics)
 
     hooks = LoopHooks(
         phase=ui.phase,
         after_rollout=lambda batch, trajs: (
-            write_samples(run_dir, batch, trajs, comps.tokenizer, cfg.run.sample_episodes),
+            samples.write_samples(run_dir, batch, trajs, comps.tokenizer, cfg.run.sample_episodes),
             log_sampled_episodes(run_dir, batch, trajs, comps.tokenizer, trainer, cfg.run.sample_episodes),
         ),
         after_batch=after_batch,
         # the last batch is evaluated once, as "after", below
-        evaluate=lambda _v: evaluate(f"batch {trainer.batch}") if trainer.batch < cfg.run.iterations else None,
+        evaluate=lambda _v: held_out(f"batch {trainer.batch}") if trainer.batch < cfg.run.iterations else None,
     )
     interrupted = False
     try:
@@ -374,12 +377,10 @@ def _loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir) -> dict[str, Any]:
         ui.note("interrupted: writing a checkpoint, then exiting (continue with --resume)")
         save_checkpoint(trainer, ckpt_dir, keep_last=cfg.run.keep_checkpoints)
     writer.flush()
-    summary["interrupted"] = interrupted
-    summary["batches"] = trainer.batch
-    summary["last_metrics"] = last
+    summary.update(interrupted=interrupted, batches=trainer.batch, last_metrics=last)
     if not interrupted:
         if cfg.run.checkpoint_at_end:
             save_checkpoint(trainer, ckpt_dir, keep_last=cfg.run.keep_checkpoints)
         if cfg.eval.before_and_after:
-            summary["accuracy_after"] = evaluate_and_log("after")
+            summary["accuracy_after"] = held_out.logged("after")
     return summary
