@@ -28,6 +28,33 @@ def _seed_band(series: list[dict[int, float]]) -> tuple[list[int], list[float], 
     return common, mean, [min(s[x] for s in series) for x in common], [max(s[x] for s in series) for x in common]
 
 
+def _draw_arm(axes, a: str, color: str, recs: list[dict]) -> None:
+    """One arm's lines on the three panels (recs: each finished seed's records by kind)."""
+    # (1) envelope of the sequence ratio vs mu over batches (all sequences of the batch), seed 0 shaded
+    b = recs[0].get("batch", [])
+    lo, hi = _step_series(b, "ratio_seq_vs_infer/p2"), _step_series(b, "ratio_seq_vs_infer/p98")
+    xs = sorted(set(lo) & set(hi))
+    if xs:
+        axes[0].fill_between(xs, [lo[x] for x in xs], [hi[x] for x in xs], color=color, alpha=0.15)
+        axes[0].plot(xs, [hi[x] for x in xs], color=color, label=a)
+        axes[0].plot(xs, [lo[x] for x in xs], color=color, linestyle="--")
+    # (2) clean train-inference KL per optimizer step: mean over seeds, band = min..max
+    x, m, mn, mxs = _seed_band([_step_series(r.get("step", []), "kl_train_infer/clean/k3") for r in recs])
+    if x:
+        axes[1].plot(x, m, color=color, label=a)
+        if len(recs) > 1:
+            axes[1].fill_between(x, mn, mxs, color=color, alpha=0.15)
+    # (3) rollout reward per batch (solid) and held-out accuracy (markers)
+    x, m, mn, mxs = _seed_band([_step_series(r.get("batch", []), "reward/mean") for r in recs])
+    if x:
+        axes[2].plot(x, m, color=color, label=f"{a} reward")
+        if len(recs) > 1:
+            axes[2].fill_between(x, mn, mxs, color=color, alpha=0.15)
+    x, m, _, _ = _seed_band([_step_series(r.get("eval", []), "accuracy") for r in recs])
+    if x:
+        axes[2].plot(x, m, color=color, marker="o", linestyle=":", label=f"{a} held-out acc")
+
+
 def plot_group(
     plan: ReproPlan, g: ReproGroup, setting: str, runs_dir: Path, out: Path, kl_threshold: float | None = None
 ) -> Path | None:
@@ -40,38 +67,14 @@ def plot_group(
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
     drawn = False
     for i, a in enumerate(g.arms):
-        color = f"C{i % 10}"
-        recs = []
-        for seed in g.seeds:
-            d = runs_dir / RunSpec(a, setting, seed).name
-            if (d / "metrics.jsonl").is_file():
-                recs.append(_records(d))
-        if not recs:
-            continue
-        drawn = True
-        # (1) envelope of the sequence ratio vs mu over batches (all sequences of the batch), seed 0 shaded
-        b = recs[0].get("batch", [])
-        lo, hi = _step_series(b, "ratio_seq_vs_infer/p2"), _step_series(b, "ratio_seq_vs_infer/p98")
-        xs = sorted(set(lo) & set(hi))
-        if xs:
-            axes[0].fill_between(xs, [lo[x] for x in xs], [hi[x] for x in xs], color=color, alpha=0.15)
-            axes[0].plot(xs, [hi[x] for x in xs], color=color, label=a)
-            axes[0].plot(xs, [lo[x] for x in xs], color=color, linestyle="--")
-        # (2) clean train-inference KL per optimizer step: mean over seeds, band = min..max
-        x, m, mn, mxs = _seed_band([_step_series(r.get("step", []), "kl_train_infer/clean/k3") for r in recs])
-        if x:
-            axes[1].plot(x, m, color=color, label=a)
-            if len(recs) > 1:
-                axes[1].fill_between(x, mn, mxs, color=color, alpha=0.15)
-        # (3) rollout reward per batch (solid) and held-out accuracy (markers)
-        x, m, mn, mxs = _seed_band([_step_series(r.get("batch", []), "reward/mean") for r in recs])
-        if x:
-            axes[2].plot(x, m, color=color, label=f"{a} reward")
-            if len(recs) > 1:
-                axes[2].fill_between(x, mn, mxs, color=color, alpha=0.15)
-        x, m, _, _ = _seed_band([_step_series(r.get("eval", []), "accuracy") for r in recs])
-        if x:
-            axes[2].plot(x, m, color=color, marker="o", linestyle=":", label=f"{a} held-out acc")
+        recs = [
+            _records(d)
+            for d in (runs_dir / RunSpec(a, setting, seed).name for seed in g.seeds)
+            if (d / "metrics.jsonl").is_file()
+        ]
+        if recs:
+            drawn = True
+            _draw_arm(axes, a, f"C{i % 10}", recs)
     if not drawn:
         plt.close(fig)
         return None
