@@ -102,7 +102,9 @@ class _AddNoise(torch.autograd.Function):
         return g, grad_s, None, None
 
 
-def add_noise(h: torch.Tensor, log_sigma: torch.Tensor, seed: int, scale_aware: bool = False) -> torch.Tensor:
+def add_noise(
+    h: torch.Tensor, log_sigma: torch.Tensor, seed: int | RowNoise, scale_aware: bool = False
+) -> torch.Tensor:
     """h + exp(log_sigma) * [RMS(h)] * eps(seed); memory-light (eps regenerated in backward)."""
     scale = h.detach().float().pow(2).mean(-1, keepdim=True).sqrt() if scale_aware else None
     return _AddNoise.apply(h, log_sigma, scale, seed)

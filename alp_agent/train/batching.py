@@ -238,9 +238,9 @@ def collate(rows: list[Row], device: torch.device, packed: bool = False) -> Micr
         if tags is not None and r.tags is not None:
             tags[i, :n] = torch.tensor(r.tags)
         infer[i, :n] = torch.tensor(r.infer)
-        if old is not None:
+        if old is not None and r.old is not None:  # rows of a mini-batch are filled alike
             old[i, :n] = r.old
-        if ref is not None:
+        if ref is not None and r.ref is not None:
             ref[i, :n] = r.ref
     adv = torch.tensor([[r.adv] for r in rows])
     ids, attn, pos, base, segs = _model_layout(rows, packed, T)

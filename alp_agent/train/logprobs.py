@@ -11,7 +11,7 @@ trainer uses the second on micro-batches (`microbatch_logprobs`), packed or padd
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -59,7 +59,8 @@ def logprobs_from_logits(
 
 def _head(model: nn.Module) -> nn.Module:
     inner = getattr(model, "module", model)  # DDP wraps the HF model in .module
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    get = getattr(inner, "get_output_embeddings", None)
+    head = get() if callable(get) else None
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"{type(inner).__name__} has no linear output embedding: use chunk_tokens=0")
     cfg = getattr(inner, "config", None)
@@ -136,22 +137,26 @@ def microbatch_logprobs(
     """(B, T) logprobs (and entropy) of a collated micro-batch in its loss layout, computed only where a token
     is trained on (mb.src/dst/tgt); other positions are 0. The model runs on mb.ids (packed rows with position ids,
     or right-padded rows with an attention mask). chunk_tokens > 0: chunked hidden x lm_head (no full logits)."""
+    if mb.src is None or mb.dst is None or mb.tgt is None:
+        raise ValueError("microbatch_logprobs needs a micro-batch from batching.collate (src/dst/tgt)")
+    src, dst, tgt = mb.src, mb.dst, mb.tgt
     inputs = {"input_ids": mb.ids, "attention_mask": mb.attn if mb.pos is None else None, "position_ids": mb.pos}
     if chunk_tokens > 0:
         h, head = hidden_states(model, **inputs)
-        sel = h.reshape(-1, h.shape[-1]).index_select(0, mb.src)
-        bias = getattr(head, "bias", None)
-        lp, ent = head_logprobs(sel, head.weight, bias, mb.tgt, mb.temperature, mb.top_p, mb.top_k, chunk_tokens)
+        sel = h.reshape(-1, h.shape[-1]).index_select(0, src)
+        weight, bias = cast(torch.Tensor, head.weight), cast("torch.Tensor | None", getattr(head, "bias", None))
+        lp, ent_c = head_logprobs(sel, weight, bias, tgt, mb.temperature, mb.top_p, mb.top_k, chunk_tokens)
+        ent: torch.Tensor | None = ent_c
     else:
         logits = model(**inputs, use_cache=False, logits_to_keep=0).logits
-        sel = logits.reshape(-1, logits.shape[-1]).index_select(0, mb.src)
-        lp, ent = logprobs_from_logits(sel, mb.tgt, mb.temperature, with_entropy, entropy_grad, mb.top_p, mb.top_k)
+        sel = logits.reshape(-1, logits.shape[-1]).index_select(0, src)
+        lp, ent = logprobs_from_logits(sel, tgt, mb.temperature, with_entropy, entropy_grad, mb.top_p, mb.top_k)
     B, T = mb.mask.shape
-    out = lp.new_zeros(B * T).index_put((mb.dst,), lp).view(B, T)
+    out = lp.new_zeros(B * T).index_put((dst,), lp).view(B, T)
     if not with_entropy or ent is None:
         return out, None
     ent = ent if entropy_grad and torch.is_grad_enabled() else ent.detach()
-    return out, ent.new_zeros(B * T).index_put((mb.dst,), ent).view(B, T)
+    return out, ent.new_zeros(B * T).index_put((dst,), ent).view(B, T)
 
 
 def chunk_tokens_for(requested: int, sharded: bool, algo) -> int:
