@@ -34,7 +34,7 @@ _CLIP = {
     "gspo": (3e-4, 4e-4, 100.0),  # reference multi-turn/train_gspo.sh: 3e-4 / 4e-4, clip_ratio_c 100
 }
 # rollout correction w = pi_old / mu of the GRPO family (rollout_is.py): mode, level
-_IS = {
+_IS: dict[str, tuple[ISMode, Literal["token", "sequence"]]] = {
     "grpo": ("none", "token"),
     "tis": ("truncate", "sequence"),  # choice, see is_level: the reference TIS script was not available to us
     "mis": ("mask", "sequence"),  # spec: reference MIS runs use sequence level, C = 5, lower = 0 (mask mode)
