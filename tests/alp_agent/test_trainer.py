@@ -63,7 +63,8 @@ def make_batch(model, groups: int = 4, n: int = 4, seed: int = 0, mismatch: floa
 def config(**kw) -> TrainerConfig:
     base = {
         "optim": {"lr": 1e-3},
-        "update": {"micro_batch_tokens": 64, "updates_per_batch": 2},
+        # float32 pinned: these tests compare updates to 1e-5 (update.dtype auto would pick bf16 on a bf16 CPU)
+        "update": {"micro_batch_tokens": 64, "updates_per_batch": 2, "dtype": "float32"},
         "algo": {"perturb": {"sigma0": 0.05, "sigma_lr": 0.05}},
     }
     for k, v in kw.items():
