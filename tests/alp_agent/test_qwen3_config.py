@@ -9,7 +9,8 @@ from pathlib import Path
 from alp_agent.rollout.chat import ChatTemplate
 from alp_agent.rollout.runner import RolloutRunner
 from tests.alp_agent.chat_templates import with_template
-from tests.alp_agent.test_rollout_templates import ToolCallingPolicy
+from tests.alp_agent.test_rollout_templates import tool_calling_policy
+from tests.fakes import ScriptedPolicy
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "multi_turn_tir_qwen3-8b.yaml"
 
@@ -37,7 +38,7 @@ def test_qwen3_config_validates_and_shows_tools_through_the_template(tiny_tokeni
         return gym.make(cfg.env.id, tasks=tasks, **kwargs)
 
     rollout_cfg = cfg.rollout.model_copy(update={"max_concurrent_episodes": 1, "seed": 0})
-    (t,) = RolloutRunner(ToolCallingPolicy(tok), tok, env_fn, rollout_cfg).run([0])
+    (t,) = RolloutRunner(ScriptedPolicy(tok, tool_calling_policy), tok, env_fn, rollout_cfg).run([0])
     prompt = ChatTemplate(tok).decode(t.prompt_ids)
     assert prompt.startswith("<|im_start|>system\n# Tools\n") and '"name": "python"' in prompt
     assert "What is 6 times 7?\n\nUse the python tool" in prompt and prompt.endswith("<|im_start|>assistant\n")
