@@ -150,7 +150,7 @@ def test_compute_dtype_auto_is_a_function_of_the_flags():
 def test_trainer_logs_resolved_dtype():
     tr = Trainer(tiny(), config(update={"dtype": "float32"}))
     assert tr.cfg.update.dtype == "float32" and "config" in tr.dtype_reason
-    tr = Trainer(tiny(), config())
+    tr = Trainer(tiny(), config(update={"dtype": "auto"}))
     assert tr.cfg.update.dtype in ("float32", "bfloat16") and tr.dtype_reason.startswith("auto")
 
 
