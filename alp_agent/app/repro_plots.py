@@ -28,6 +28,17 @@ def _seed_band(series: list[dict[int, float]]) -> tuple[list[int], list[float], 
     return common, mean, [min(s[x] for s in series) for x in common], [max(s[x] for s in series) for x in common]
 
 
+def _save(fig, out: Path) -> Path:
+    """Lay out, write the PNG (creating its folder) and free the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
 def _draw_arm(axes, a: str, color: str, recs: list[dict]) -> None:
     """One arm's lines on the three panels (recs: each finished seed's records by kind)."""
     # (1) envelope of the sequence ratio vs mu over batches (all sequences of the batch), seed 0 shaded
@@ -90,11 +101,7 @@ def plot_group(
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.suptitle(f"{g.name} / {setting}")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_claims(g: ReproGroup, setting: str, per_run: dict[str, dict], out: Path) -> Path | None:
@@ -125,8 +132,4 @@ def plot_claims(g: ReproGroup, setting: str, per_run: dict[str, dict], out: Path
         ax.set_title(c.name, fontsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{g.name} / {setting}: seeds (points), mean and 95 % t interval (black)")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _save(fig, out)

@@ -133,19 +133,11 @@ def test_cli_train_with_a_process_engine_and_async_rollout(tiny_model_dir, tmp_p
     from pathlib import Path
 
     from alp_agent.app.cli import main
+    from tests.alp_agent.test_cli import _small
 
     repo = Path(__file__).resolve().parents[2]
     args = [
-        f"engine.model={tiny_model_dir}",
-        f"run.out_dir={tmp_path}",
-        "run.name=async",
-        "run.prompts_per_batch=2",
-        "run.samples_per_prompt=2",
-        "eval.num_tasks=2",
-        "rollout.max_tokens_per_turn=16",
-        "engine.max_model_len=1024",
-        "run.tensorboard=false",
-        "trainer.update.updates_per_batch=2",
+        *_small(tiny_model_dir, tmp_path, "async"),
         "engine.placement=process",
         "run.async_rollout=true",
         "run.iterations=2",
