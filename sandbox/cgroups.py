@@ -56,6 +56,9 @@ class PidsCgroup:
                 root = base / f"p{os.getpid()}"
                 root.mkdir(exist_ok=True)
                 atexit.register(_rmdir_quiet, root)
+                if base.parent == CGROUP_V2:  # v2 enables a controller level by level: the sessions sit one below
+                    (root / "cgroup.subtree_control").write_text("+pids")
+                _probe(root)
                 return root
             except OSError as e:
                 log.info("pids cgroup unavailable at %s: %s", base, e)
@@ -91,6 +94,18 @@ class PidsCgroup:
             except OSError:
                 time.sleep(0.01)
         log.warning("could not remove cgroup %s", self.path)
+
+
+def _probe(root: Path) -> None:
+    """Make and remove one session cgroup with a pids.max, so a hierarchy that accepts mkdir but has no pids controller
+    where the sessions live (seen on a cgroup v2 GPU machine: EACCES on pids.max) is found once, here, and the
+    sandbox falls back to per-uid limits instead of failing every session start."""
+    probe = root / "probe"
+    probe.mkdir(exist_ok=True)
+    try:
+        (probe / "pids.max").write_text("8")
+    finally:
+        _rmdir_quiet(probe)
 
 
 def _rmdir_quiet(p: Path) -> None:

@@ -9,8 +9,11 @@
 #   bash scripts/gpu_check.sh --dry-run        # config and memory plan only, no GPU needed
 #   bash scripts/gpu_check.sh engine.placement=inprocess run.async_rollout=false   # any config override
 #
-# Exit code 0 = PASS, 1 = FAIL, 2 = bad config. Untested on a GPU so far: only --dry-run and the CPU variant
-# (--size tiny --allow-cpu) run in the test suite.
+#   bash scripts/gpu_check.sh --tokenizer DIR engine.backend=transformers engine.placement=inprocess   # no vLLM
+#
+# Exit code 0 = PASS, 1 = FAIL, 2 = bad config. On a GPU once (H200, 2026-11-30, no vLLM there): the transformers
+# variant crashed in the tail metrics after its first update (fixed since, not yet rerun on a GPU); the vLLM path has
+# never run on a GPU. The test suite runs --dry-run and the CPU variants (--size tiny --allow-cpu, both backends).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-}"

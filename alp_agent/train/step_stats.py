@@ -90,7 +90,7 @@ class StepStats:
             self.seq["clean_d_infer"].append(sequence_log_ratio(self._clean_bt, mb.infer, mb.mask).clamp(-c, c).cpu())
             self._clean_bt = None
         tags = mb.tags if mb.tags is not None else torch.full(mb.mask.shape, -1, dtype=torch.long)
-        self.tok["tags"].append(tags[valid.cpu()])
+        self.tok["tags"].append(tags.to(valid.device)[valid].cpu())  # every kept value lives on the CPU (GPU check)
         n = self.counts
         n["tokens"] += int(valid.sum())
         n["clip_upper"] += int((terms.clip_upper & valid).sum())

@@ -56,7 +56,7 @@ def _panel(log_r: torch.Tensor, prefix: str) -> dict[str, float]:
 def tail_metrics(log_r: torch.Tensor, tags: torch.Tensor, prefix: str = "tail") -> dict[str, float]:
     """Per turn index (`{prefix}/turn_k/*`) and head vs rest (`{prefix}/after_obs8/*`, `{prefix}/rest/*`) summaries
     of the token ratio exp(log_r); `tags` aligned with `log_r` (1-D). Empty groups give no keys."""
-    tags = tags.long()
+    log_r, tags = log_r.detach().cpu(), tags.long().cpu()  # a summary: on the CPU, wherever the values came from
     ok = tags >= 0
     log_r, tags = log_r[ok], tags[ok]
     m: dict[str, float] = {}

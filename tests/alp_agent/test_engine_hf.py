@@ -98,3 +98,33 @@ def test_resolve_model_errors_are_clear(tmp_path):
 
     with pytest.raises(ModelResolutionError, match="config.json"):
         resolve_model(tmp_path)
+
+
+def test_backend_transformers_makes_an_hf_engine_and_checks_its_limits(tiny_model_dir):
+    """engine.backend=transformers: the job's factory returns HFEngine (a Python without vLLM, e.g. a bare GPU
+    image); it is one in-process engine, so pools, process placement and quantized rollouts are refused up front."""
+    from pydantic import ValidationError
+
+    from alp_agent.engine.config import EngineConfig
+    from alp_agent.engine.factory import make_engine
+    from alp_agent.engine.hf_engine import HFEngine
+
+    engine = make_engine(EngineConfig(backend="transformers", model=tiny_model_dir, dtype="float32"))
+    assert isinstance(engine, HFEngine)
+    (g,) = engine.generate([list(range(200, 210))], SamplingConfig(temperature=1.0, max_tokens=4, seed=0))
+    assert len(g.token_ids) == len(g.logprobs) == 4
+    for bad in ({"placement": "process"}, {"weight_quantization": "int8"}):
+        with pytest.raises(ValidationError, match="backend: transformers runs one in-process engine"):
+            EngineConfig(backend="transformers", **bad)
+
+
+def test_missing_vllm_is_a_one_line_placement_error(monkeypatch, tiny_model_dir):
+    import importlib.util
+
+    from alp_agent.engine import factory
+    from alp_agent.engine.config import EngineConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(factory.PlacementError, match="vLLM is not installed .* engine.backend=transformers"):
+        factory.make_engine(EngineConfig(model=tiny_model_dir))

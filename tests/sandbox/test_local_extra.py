@@ -113,3 +113,23 @@ def test_only_the_listed_packages_are_importable():
 def test_uninstalled_package_is_a_clear_error():
     with pytest.raises(RuntimeError, match="not installed.*no-such-dist-alp"):
         LocalSandbox(SandboxConfig(pool_size=1, packages=["numpy", "no-such-dist-alp"]))
+
+
+def test_cgroup_without_a_pids_controller_falls_back_once(monkeypatch, caplog):
+    """A hierarchy that takes mkdir but refuses pids.max below our root (cgroup v2 without the controller delegated,
+    seen on a GPU machine) is found by the probe once: the sandbox runs on per-uid limits and warns once, instead of
+    failing every session start."""
+    from sandbox import cgroups
+
+    def refuse(root):
+        raise PermissionError(13, "Permission denied", str(root / "probe" / "pids.max"))
+
+    monkeypatch.setattr(cgroups, "_probe", refuse)
+    monkeypatch.setattr(cgroups.PidsCgroup, "_checked", False)
+    monkeypatch.setattr(cgroups.PidsCgroup, "_root", None)
+    assert cgroups.PidsCgroup.root() is None
+    with LocalSandbox(SandboxConfig(pool_size=1)) as sb:
+        assert sb.describe()["pids_cgroup"] is False
+        with sb.session() as s:
+            assert s.run("6 * 7").stdout == "42\n"
+    assert sum("no writable pids cgroup" in r.message for r in caplog.records) == 1
