@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,22 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def code_version(repo: Path | None = None) -> dict[str, Any]:
+    """The commit the run's code came from and whether the tree had uncommitted changes to code (results excluded), so
+    runs of one study can be shown to share their code; {} outside a git checkout."""
+    repo = repo or Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        dirty = git("status", "--porcelain", "--", "alp_agent", "envs", "sandbox", "configs").strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit, "dirty": bool(dirty)} if commit else {}
+
+
 def start_attempt(run_dir: Path, spec: dict[str, Any], cfg, cmd: list[str]) -> dict[str, Any]:
     """Write (or extend) run_dir/run_info.json before a launch; returns the info with the new attempt last."""
     path = run_dir / INFO_FILE
@@ -73,7 +90,11 @@ def start_attempt(run_dir: Path, spec: dict[str, Any], cfg, cmd: list[str]) -> d
         }
     )
     info.setdefault("attempts", []).append(
-        {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu_model": cpu["model"]}
+        {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "cpu_model": cpu["model"],
+            "code": code_version(),
+        }
     )
     path.write_text(json.dumps(info, indent=1), encoding="utf-8")
     return info

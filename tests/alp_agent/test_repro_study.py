@@ -222,6 +222,8 @@ def test_cpu_info_and_run_info(tmp_path):
     saved = json.loads((tmp_path / "run_info.json").read_text())
     assert saved["weight_quantization"] == "int8" and saved["trainer_dtype"] == "float32"
     assert saved["seconds"] == 91.0 and len(saved["attempts"]) == 2 and saved["cpu"]["model"]
+    code = saved["attempts"][-1]["code"]  # this checkout's commit (CI clones it), so runs can show they share code
+    assert len(code["commit"]) == 40 and isinstance(code["dirty"], bool)
 
 
 def test_batch_one_is_found_by_log_order_with_uneven_batches(tmp_path):
