@@ -21,8 +21,9 @@ def _qname(q: float) -> str:
 
 
 def summarize(x: torch.Tensor, prefix: str, quantiles: tuple[float, ...] = QUANTILES) -> dict[str, float]:
-    """mean, std, min, max and quantiles of a 1-D tensor (float64). Empty input gives no keys."""
-    x = x.detach().flatten().double()
+    """mean, std, min, max and quantiles of a 1-D tensor (float64). Empty input gives no keys. Any device: the
+    summary runs on the CPU (torch.quantile needs `q` on the input's device; a handful of floats gain nothing there)."""
+    x = x.detach().flatten().double().cpu()
     x = x[torch.isfinite(x)]
     if x.numel() == 0:
         return {}

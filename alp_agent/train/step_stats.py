@@ -172,7 +172,7 @@ def old_infer_metrics(rows: list[Row]) -> dict[str, float]:
         if r.old is None:
             continue
         m = torch.tensor(r.mask) > 0
-        o, i = r.old[m].double(), torch.tensor(r.infer, dtype=torch.float64)[m]
+        o, i = r.old.cpu()[m].double(), torch.tensor(r.infer, dtype=torch.float64)[m]  # rows keep CPU values
         olds.append(o)
         infs.append(i)
         seqs.append((o - i).sum().reshape(1))
