@@ -14,6 +14,8 @@
 # Exit code 0 = PASS, 1 = FAIL, 2 = bad config. On a GPU once (H200, 2026-11-30, no vLLM there): the transformers
 # variant crashed in the tail metrics after its first update (fixed since, not yet rerun on a GPU); the vLLM path has
 # never run on a GPU. The test suite runs --dry-run and the CPU variants (--size tiny --allow-cpu, both backends).
+# Next GPU session: the script in results/gpu_check/README.md ("Next GPU session"): tests/alp_agent/
+# test_device_mixing.py on cuda:0, then this check three ways (as above; sigma0=auto + bf16; grpo + kl_coef).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-}"

@@ -149,7 +149,7 @@ def _run(cfg, out: Path, model_dir: Path, size: str, plan: dict, device: torch.d
     writer = open_writer(cfg, out / cfg.run.name)  # configs/gpu_check.yaml: no TensorBoard
     try:
         trainer = build_trainer(cfg, comps.model_dir, writer, device)
-        initial = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
+        initial = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}  # one host copy
         t2 = time.perf_counter()
         hist = run_training(trainer, comps.runner, comps.engine, LoopConfig.from_run_config(cfg, comps.num_tasks))
         t["train_s"] = time.perf_counter() - t2
