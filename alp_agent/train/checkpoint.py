@@ -27,6 +27,7 @@ import torch
 
 from alp_agent.train import distributed as D
 from alp_agent.train import ranks
+from alp_agent.train.hardware import lean_phase
 from alp_agent.train.ranks import Command
 
 try:  # numpy is optional for us, but present with vllm/transformers
@@ -73,7 +74,8 @@ def save_checkpoint(trainer, ckpt_dir: str | Path, keep_last: int | None = None)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    torch.save(trainer.state_dict(), tmp / "trainer.pt")
+    with lean_phase():  # the state dict's weight copies (mostly heap-sized tensors) go back to the OS after it
+        torch.save(trainer.state_dict(), tmp / "trainer.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     _publish(tmp, final, keep_last)
     return final

@@ -7,6 +7,8 @@ choice is a pure function of the flags (tested) so a log line can say why.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
@@ -120,27 +122,76 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (mallo
 MMAP_THRESHOLD = 32 * 1024**2  # glibc's largest allowed value (HEAP_MAX_SIZE / 2 on 64-bit)
 
 
-def keep_freed_memory(trim_threshold: int = 4 * 1024**3) -> str:
+@contextlib.contextmanager
+def lean_phase(optimizer=None):
+    """Around a phase of the job (the update, a weight sync): `release_freed_memory()` before and after, and the
+    optimizer's gradients dropped after it (`zero_grad(set_to_none=True)`: the next step allocates them anew), so
+    neither freed buffers nor 4 bytes/param of gradients stay resident through the rollout and eval."""
+    release_freed_memory()
+    try:
+        yield
+    finally:
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        release_freed_memory()
+
+
+def release_freed_memory() -> bool:
+    """Hand the free pages inside glibc's heaps back to the kernel (`malloc_trim(0)`), at phase boundaries.
+
+    Why: `keep_freed_memory` keeps freed buffers resident so a micro-batch reuses the previous one's pages; after the
+    update that memory (the activations' high-water mark) would stay resident through the rollout and eval, and vLLM's
+    stepping thread allocates from its own malloc arena, which cannot reuse the main arena's free chunks, so the two
+    high-water marks add up. Trimming when a phase ends (update, weight sync, checkpoint) keeps the reuse inside the
+    update and releases it between phases. A few ms; a no-op (False) off glibc or under another allocator."""
+    libc = _glibc()
+    if libc is None or _other_allocator():
+        return False
+    return bool(libc.malloc_trim(0))
+
+
+@functools.cache
+def _glibc():
+    """ctypes handle of glibc on Linux, else None (looked up once: `platform.libc_ver` reads the executable)."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _other_allocator() -> str | None:
+    """The LD_PRELOADed allocator's file name (jemalloc, tcmalloc, mimalloc), if any."""
+    pre = os.environ.get("LD_PRELOAD", "")
+    if any(a in pre for a in ("jemalloc", "tcmalloc", "mimalloc")):
+        return os.path.basename(pre.split(":")[0])
+    return None
+
+
+TRIM_THRESHOLD_MAX = 2**31 - 1  # mallopt takes a C int: 4 GiB silently became 0 (trim on every free) before
+
+
+def keep_freed_memory(trim_threshold: int = TRIM_THRESHOLD_MAX) -> str:
     """Stop glibc from handing big freed buffers back to the kernel between micro-batches (issue 15.3).
 
     By default glibc serves every allocation above its (dynamic, <= 32 MiB) mmap threshold with a fresh mmap and
     unmaps it on free, and trims the heap top above 128 KiB: every micro-batch then faults its activations, logits
     chunks and gradients back in page by page (millions of minor faults, much of the update's system time). Fixing
-    the threshold at 32 MiB and raising the trim threshold keeps freed memory in the heap for the next micro-batch;
-    peak RSS is unchanged (the memory was in use at the peak anyway). Buffers above 32 MiB are still mmapped, which is
-    why the chunked log-probs keep their [chunk x vocab] blocks under it. A no-op (says why) when the process runs
-    another allocator (LD_PRELOAD) or not glibc. Returns what it did, for the start-up log."""
-    import ctypes
-    import platform
-
-    pre = os.environ.get("LD_PRELOAD", "")
-    if any(a in pre for a in ("jemalloc", "tcmalloc", "mimalloc")):
-        return f"allocator: {os.path.basename(pre.split(':')[0])} (LD_PRELOAD)"
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    the threshold at 32 MiB and raising the trim threshold keeps freed memory in the heap for the next micro-batch.
+    Kept memory outlives the update, though (and vLLM's thread cannot reuse it: another malloc arena), so the job
+    calls `release_freed_memory()` when a phase ends. Buffers above 32 MiB are still mmapped, which is why the
+    chunked log-probs keep their [chunk x vocab] blocks under it. A no-op (says why) when the process runs another
+    allocator (LD_PRELOAD) or not glibc. Returns what it did, for the start-up log."""
+    other = _other_allocator()
+    if other:
+        return f"allocator: {other} (LD_PRELOAD)"
+    libc = _glibc()
+    if libc is None:
         return "allocator: system default (not glibc)"
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
-    except (OSError, AttributeError) as e:
-        return f"allocator: glibc defaults ({e})"
+    trim = min(trim_threshold, TRIM_THRESHOLD_MAX)
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, trim)
     return "allocator: glibc, freed buffers kept (mmap threshold 32 MiB)" if ok else "allocator: glibc defaults"

@@ -54,7 +54,7 @@ from alp_agent.train.batching import (
 )
 from alp_agent.train.calibrate import maybe_calibrate
 from alp_agent.train.gradients import prepare_gradients
-from alp_agent.train.hardware import with_compute_dtype
+from alp_agent.train.hardware import lean_phase, with_compute_dtype
 from alp_agent.train.logprobs import chunk_tokens_for, microbatch_logprobs
 from alp_agent.train.metrics import episode_metrics, mean_over
 from alp_agent.train.noise_kl import record_noise_kl
@@ -334,7 +334,8 @@ class Trainer(TrainerState):
         t0 = time.perf_counter()
         step_ms, raws = [], []
         for ch in chunks:
-            sm, raw = self._optimizer_step([rows[i] for i in ch])
+            with lean_phase(self.optimizer):  # freed memory back to the OS between steps, no grads kept after them
+                sm, raw = self._optimizer_step([rows[i] for i in ch])
             self.step += 1
             self.log("step", self.step, sm)
             step_ms.append(sm)
@@ -372,7 +373,8 @@ class Trainer(TrainerState):
 
     def sync_weights(self, engine) -> None:
         """Load the current weights into the inference engine in place (HF names; no log-sigmas)."""
-        engine.load_weights(self.policy_state_dict())
+        with lean_phase():  # cast copies and vLLM's per-layer reload buffers go back to the OS
+            engine.load_weights(self.policy_state_dict())
 
     # ------------------------------------------------------------------ torchrun: rank 0 leads, the others follow
     def follow(self) -> None:
