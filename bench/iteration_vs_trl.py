@@ -478,6 +478,7 @@ def run_rounds(a, ours: Worker, trl: Worker | None) -> list[dict]:
             out = w.cmd(f"go {algo} {r}")
             out.update({"round": r, "variant": algo, "warmup": r < a.warmup, "loadavg": os.getloadavg()})
             rows.append(out)
+            Path(a.out).with_suffix(".rounds.json").write_text(json.dumps(rows, default=str))  # survives a kill
             tag = "warm-up" if out["warmup"] else "measured"
             print(
                 f"round {r} ({tag}) {algo:<5} {out['total_s']:7.1f} s  generated {out['generated_tokens']} tok, "
@@ -589,7 +590,7 @@ def cpu_flags() -> dict:
 def trl_versions(python: str) -> dict:
     code = "import trl, accelerate, datasets, transformers, vllm, torch, json; print(json.dumps({m.__name__: m.__version__ for m in (trl, accelerate, datasets, transformers, vllm, torch)}))"  # noqa: E501
     try:
-        out = subprocess.run([python, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
+        out = subprocess.run([python, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120)
         return json.loads(out.stdout.strip().splitlines()[-1])
     except Exception as e:  # noqa: BLE001 - versions are informational
         return {"error": str(e)}
