@@ -114,6 +114,8 @@ def verdict(diff: Interval, direction: int) -> Verdict:
     """The claim 'the arm moves the metric in `direction` against the reference', judged on the paired interval."""
     if diff.n < 2:
         return Verdict("no data" if diff.n == 0 else "undecided (1 seed)", diff, math.nan)
+    if not diff.se > 0:  # every pair differs by the same amount (e.g. no run collapsed): no t interval, no MDE
+        return Verdict("undecided (no spread: all pairs equal)", diff, math.nan)
     side = diff.excludes_zero()
     label = "supported" if side == direction else "refuted" if side == -direction else "undecided"
     return Verdict(label, diff, min_detectable_effect(diff))

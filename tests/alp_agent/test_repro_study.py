@@ -74,6 +74,8 @@ def test_paired_difference_and_verdicts_hand_computed():
     assert v.label == "undecided" and (u.lo, u.hi) == pytest.approx((0.1 - 0.496828, 0.1 + 0.496828), abs=1e-6)
     assert v.mde == pytest.approx(5.363313 * 0.2 / math.sqrt(3), abs=1e-5)
     assert verdict(paired_difference({0: 1.0}, {0: 0.0}), +1).label == "undecided (1 seed)"
+    same = verdict(paired_difference({0: 0.0, 1: 0.0}, {0: 0.0, 1: 0.0}), -1)  # no run collapsed on either side
+    assert same.label == "undecided (no spread: all pairs equal)" and math.isnan(same.mde)
     assert verdict(paired_difference({}, {}), +1).label == "no data"
 
 
