@@ -185,7 +185,9 @@ def test_claims_table_and_verdicts_from_runs(tmp_path):
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| seq_alp | ")}
     acc = rows["final held-out accuracy"]  # differences 0.2, 0.25, 0.25 (hand-computed above)
     assert "0.233 [0.162, 0.305]" in acc and "| supported |" in acc
-    assert "| supported |" in rows["KL(μ‖π) spike count"]  # 0 - 1 on every seed: sd 0 -> interval [-1, -1]
+    # 0 - 1 on every seed: sd 0, a degenerate t interval [-1, -1]; three equal pairs are no test (a two-sided sign
+    # test on 3 pairs gives p = 0.25), so no verdict either way
+    assert "-1.00 [-1.00, -1.00] | undecided (no spread: all pairs equal) | - |" in rows["KL(μ‖π) spike count"]
     # collapse: Bypass falls below its start on seeds 0 and 1 only -> differences -1, -1, 0 (hand: se 1/3)
     assert "-0.67 [-2.10, 0.77] | undecided | 1.79 |" in rows["collapse (final held-out accuracy below its start; 0/1)"]
     assert "| supported |" in rows["P2-P98 width of the noisy sequence ratio vs mu (mean over batches)"]
