@@ -179,7 +179,8 @@ def test_claims_table_and_verdicts_from_runs(tmp_path):
     for seed, (alp_acc, byp_acc) in enumerate([(0.5, 0.3), (0.6, 0.35), (0.7, 0.45)]):
         # step-0 KL 1e-3 everywhere -> threshold 1e-2; ALP peaks at 5e-3 (no spike), Bypass at 0.5 (one spike)
         _fake(runs / f"s8_seq_alp_s{seed}", 1e-3, 5e-3, [1.0, 1.0 + seed], [0.2, alp_acc])
-        _fake(runs / f"s8_seq_bypass_s{seed}", 1e-3, 0.5, [2.0, 2.0 + seed], [0.4, byp_acc])
+        # the widths' pair differences: -1, -1.25, -1.5
+        _fake(runs / f"s8_seq_bypass_s{seed}", 1e-3, 0.5, [2.0, 2.0 + 1.5 * seed], [0.4, byp_acc])
     text = write_results(plan, tmp_path, name="plan").read_text()
     assert "s8: 0.01" in text  # 10 x the median step-0 KL
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| seq_alp | ")}
