@@ -18,6 +18,7 @@ load it as is.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -29,6 +30,8 @@ from alp_agent.train import distributed as D
 from alp_agent.train import ranks
 from alp_agent.train.hardware import lean_phase
 from alp_agent.train.ranks import Command
+
+log = logging.getLogger(__name__)
 
 try:  # numpy is optional for us, but present with vllm/transformers
     import numpy as np
@@ -49,7 +52,12 @@ def _set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+        saved, here = len(st["cuda"]), torch.cuda.device_count()
+        if saved != here:
+            log.warning("checkpoint saved CUDA RNG states of %d GPUs, this process sees %d: restoring %d", saved, here,
+                        min(saved, here))  # fmt: skip
+        for i, state in enumerate(st["cuda"][:here]):
+            torch.cuda.set_rng_state(state, i)
     if "numpy" in st and np is not None:
         np.random.set_state(st["numpy"])
 

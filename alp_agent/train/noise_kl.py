@@ -90,7 +90,9 @@ def noise_kl(
 def record_noise_kl(trainer: Any, mb: MicroBatch, micro: int, stats: Any) -> None:
     """The trainer's hook: on a clean-metrics step with noise on, the exact noise KL of `update.noise_kl_rows` rows of
     micro-batch `micro` into `stats` (a StepStats, or None for a rank's zero-weight filler, which still runs the
-    forwards so FSDP2's collectives pair up). The noise is the training forward's (same step and micro-batch seed)."""
+    forwards so FSDP2's collectives pair up). The noise has the training forward's sigma and (step, micro) seed, but
+    it is drawn for this no-grad forward's padded rows, not keyed per (row, position) like the packed training
+    forward's: the same distribution, a fresh draw, so the value describes the noise, not the loss's exact sample."""
     rows = trainer.cfg.update.noise_kl_rows
     if trainer.perturbation is None or rows <= 0:
         return

@@ -41,7 +41,7 @@ class TrainerState:
         if self.sharded:
             raise RuntimeError("an FSDP2 trainer is saved sharded: use alp_agent.train.checkpoint.save_checkpoint")
         return {
-            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "model": {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},  # 1 host copy
             "perturbation": self.perturbation.state_dict() if self.perturbation is not None else None,
             "optimizer": self.optimizer.state_dict(),
             **self.meta_state(),
