@@ -30,8 +30,8 @@ from torch import nn
 from alp_agent.algo.perturb import LayerPerturbation
 from alp_agent.train import distributed as D
 from alp_agent.train.batching import Row, collate
-from alp_agent.train.metrics import exact_kl, kl_stats
-from alp_agent.train.noise_kl import clean_logits, perturbed_logits
+from alp_agent.train.metrics import kl_stats
+from alp_agent.train.noise_kl import clean_logits, kl_between, perturbed_logits, target_logprobs
 
 LOG_SIGMA_RANGE = (math.log(1e-5), math.log(1.0))
 STEPS = 12  # bracket width ln(1e5) / 2^12 = 0.3 %: far below the run-to-run spread of either KL
@@ -50,14 +50,14 @@ def calibrate_sigma0(
     t0 = time.perf_counter()
     mb = collate(rows, device)
     clean, targets, infer = clean_logits(model, forward_model, mb, autocast)
-    logp = torch.log_softmax(clean.float() / mb.temperature, -1).gather(-1, targets[:, None]).squeeze(-1)
+    logp = target_logprobs(clean, targets, mb.temperature)
     mismatch = kl_stats(logp, infer, "kl")
     target = max(mismatch.get("kl/k3", 0.0), 0.0)
 
     def kl_at(log_sigma: float) -> float:
         perturbation.log_sigma.data.fill_(log_sigma)
         noisy = perturbed_logits(model, forward_model, perturbation, mb, autocast, step=0, micro=0)
-        return float(exact_kl(clean, noisy, mb.temperature).mean()) if clean.numel() else 0.0
+        return float(kl_between(clean, noisy, mb.temperature).mean()) if len(clean) else 0.0
 
     lo, hi = LOG_SIGMA_RANGE
     floor = kl_at(lo)  # in bf16 compute even the smallest sigma re-draws rounding: the KL does not start at 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 
 from alp_agent.algo.perturb import LayerPerturbation
 from alp_agent.train.batching import MicroBatch
+from alp_agent.train.logprobs import hidden_states
 from alp_agent.train.metrics import exact_kl
 
 
@@ -34,16 +35,63 @@ def rows_of(mb: MicroBatch, k: int) -> MicroBatch:
     )  # fmt: skip
 
 
-def target_logits(forward_model: nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, V) logits predicting each model token (loss mask 1), the (N,) token ids and the (N,) engine logprobs.
-    Only positions from `mb.start` get the LM head (`logits_to_keep`), as in train.logprobs."""
+@dataclass
+class TargetLogits:
+    """The logits predicting each model token, (N, V), held as the lm_head's input (N, H) wherever the model allows
+    (train.logprobs.hidden_states): `block(i, j)` computes rows i..j only, so no (N, V) tensor exists. At a 150k
+    vocabulary and thousands of tokens the full tensor is tens of GB (the calibration keeps one and makes a second per
+    bisection step). Models that post-process their logits (soft-capping) keep the full tensor in `logits`."""
+
+    hidden: torch.Tensor | None
+    head: nn.Module | None
+    logits: torch.Tensor | None
+    autocast: Callable
+
+    def __len__(self) -> int:
+        src = self.logits if self.logits is not None else self.hidden
+        return 0 if src is None else src.shape[0]
+
+    def block(self, i: int, j: int) -> torch.Tensor:
+        if self.logits is not None:
+            return self.logits[i:j]
+        assert self.hidden is not None and self.head is not None
+        with self.autocast():  # the head's matmul in the forward's compute dtype, as inside the model
+            return self.head(self.hidden[i:j])
+
+
+def target_logits(
+    forward_model: nn.Module, mb: MicroBatch, autocast: Callable = contextlib.nullcontext
+) -> tuple[TargetLogits, torch.Tensor, torch.Tensor]:
+    """The logits predicting each model token (loss mask 1), the (N,) token ids and the (N,) engine logprobs.
+    Call it inside the forward's autocast; `autocast` is kept for the head's later blocks."""
     if mb.pos is not None:
         raise ValueError("target_logits reads rows: pass MicroBatch.padded(), not a packed micro-batch")
     T = mb.ids.shape[1]
     start = max(1, min(int(mb.start), T))
-    out = forward_model(input_ids=mb.ids, attention_mask=mb.attn, use_cache=False, logits_to_keep=T - start + 1)
     valid = mb.mask[:, start:] > 0
-    return out.logits[:, :-1][valid], mb.ids[:, start:][valid], mb.infer[:, start:][valid]
+    targets, infer = mb.ids[:, start:][valid], mb.infer[:, start:][valid]
+    try:
+        h, head = hidden_states(forward_model, input_ids=mb.ids, attention_mask=mb.attn)
+    except ValueError:  # logits post-processed by the model: only its own forward computes them
+        out = forward_model(input_ids=mb.ids, attention_mask=mb.attn, use_cache=False, logits_to_keep=T - start + 1)
+        return TargetLogits(None, None, out.logits[:, :-1][valid], autocast), targets, infer
+    return TargetLogits(h[:, start - 1 : T - 1][valid], head, None, autocast), targets, infer
+
+
+def kl_between(p: TargetLogits, q: TargetLogits, temperature: float = 1.0, chunk: int = 256) -> torch.Tensor:
+    """metrics.exact_kl(p, q) at every position, `chunk` positions of logits at a time: (N,) float64."""
+    n = len(p)
+    out = [exact_kl(p.block(i, i + chunk), q.block(i, i + chunk), temperature, chunk) for i in range(0, n, chunk)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def target_logprobs(src: TargetLogits, targets: torch.Tensor, temperature: float, chunk: int = 256) -> torch.Tensor:
+    """Float32 log-probs of `targets` under `src`'s logits / temperature, a chunk of positions at a time: (N,)."""
+    out = []
+    for i in range(0, len(src), chunk):
+        lp = torch.log_softmax(src.block(i, i + chunk).float() / temperature, dim=-1)
+        out.append(lp.gather(-1, targets[i : i + chunk, None]).squeeze(-1))
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 @contextlib.contextmanager
@@ -61,17 +109,18 @@ def mode(model: nn.Module, training: bool):
 def clean_logits(model: nn.Module, forward_model: nn.Module, mb: MicroBatch, autocast: Callable):
     """`target_logits` of the clean policy (eval mode: no noise)."""
     with mode(model, False), autocast():
-        return target_logits(forward_model, mb)
+        return target_logits(forward_model, mb, autocast)
 
 
 @torch.no_grad()
 def perturbed_logits(
     model: nn.Module, forward_model: nn.Module, perturbation: LayerPerturbation, mb: MicroBatch, autocast: Callable,
     step: int, micro: int,
-) -> torch.Tensor:  # fmt: skip
-    """`target_logits` (logits only) with the noise of (step, micro) on."""
+) -> TargetLogits:  # fmt: skip
+    """`target_logits` (logits only) with the noise of (step, micro) on: the noise enters the hidden states, which
+    `TargetLogits` keeps, so its later blocks need no noise hook."""
     with mode(model, True), perturbation.active(step, micro), autocast():
-        return target_logits(forward_model, mb)[0]
+        return target_logits(forward_model, mb, autocast)[0]
 
 
 @torch.no_grad()
@@ -84,7 +133,7 @@ def noise_kl(
     sub = rows_of(mb, rows)
     clean, _, _ = clean_logits(model, forward_model, sub, autocast)
     noisy = perturbed_logits(model, forward_model, perturbation, sub, autocast, step, micro)
-    return exact_kl(clean, noisy, sub.temperature).cpu()
+    return kl_between(clean, noisy, sub.temperature).cpu()
 
 
 def record_noise_kl(trainer: Any, mb: MicroBatch, micro: int, stats: Any) -> None:
