@@ -18,7 +18,7 @@ from torch import nn
 
 from alp_agent.algo.perturb import LayerPerturbation
 from alp_agent.train.batching import MicroBatch
-from alp_agent.train.logprobs import hidden_states
+from alp_agent.train.logprobs import _head, hidden_states
 from alp_agent.train.metrics import exact_kl
 
 
@@ -70,12 +70,24 @@ def target_logits(
     start = max(1, min(int(mb.start), T))
     valid = mb.mask[:, start:] > 0
     targets, infer = mb.ids[:, start:][valid], mb.infer[:, start:][valid]
-    try:
+    if _head_callable_later(forward_model):
         h, head = hidden_states(forward_model, input_ids=mb.ids, attention_mask=mb.attn)
-    except ValueError:  # logits post-processed by the model: only its own forward computes them
-        out = forward_model(input_ids=mb.ids, attention_mask=mb.attn, use_cache=False, logits_to_keep=T - start + 1)
-        return TargetLogits(None, None, out.logits[:, :-1][valid], autocast), targets, infer
-    return TargetLogits(h[:, start - 1 : T - 1][valid], head, None, autocast), targets, infer
+        return TargetLogits(h[:, start - 1 : T - 1][valid], head, None, autocast), targets, infer
+    out = forward_model(input_ids=mb.ids, attention_mask=mb.attn, use_cache=False, logits_to_keep=T - start + 1)
+    return TargetLogits(None, None, out.logits[:, :-1][valid], autocast), targets, infer
+
+
+def _head_callable_later(model: nn.Module) -> bool:
+    """Whether the lm_head can run on its own after the forward and give the forward's logits: not when the model
+    post-processes its logits (soft-capping), when the head's weight is an FSDP2 shard outside the forward, or when
+    a hook acts on the head's output (ALP noise on the logits: `perturb.target: logits`)."""
+    from alp_agent.train.distributed import is_sharded
+
+    try:
+        head = _head(model)
+    except ValueError:
+        return False
+    return not is_sharded(head) and not head._forward_hooks and not head._forward_pre_hooks
 
 
 def kl_between(p: TargetLogits, q: TargetLogits, temperature: float = 1.0, chunk: int = 256) -> torch.Tensor:

@@ -66,3 +66,16 @@ def test_noise_kl_chunked_equals_full_logits_kl():
     assert torch.allclose(got, full_kl, rtol=1e-4, atol=1e-9)
     held = TargetLogits(None, None, _full(model, mb), contextlib.nullcontext)  # the post-processing fallback's form
     assert torch.allclose(kl_between(held, noisy, chunk=6), full_kl, rtol=1e-4, atol=1e-9)
+
+
+@torch.no_grad()
+def test_noise_on_the_logits_falls_back_to_the_models_own_logits():
+    """perturb.target 'logits' acts through a hook on the head's output: the head cannot run on its own later (the
+    hook would be outside its noise context), so the forward's own logits are kept and the noise KL is not 0."""
+    model = tiny()
+    mb = _mb(model)
+    pert = LayerPerturbation(model, sigma0=0.05, seed=0, target="logits")
+    clean, _, _ = clean_logits(model, model, mb, contextlib.nullcontext)
+    noisy = perturbed_logits(model, model, pert, mb, contextlib.nullcontext, step=3, micro=0)
+    assert clean.logits is not None and noisy.logits is not None
+    assert (kl_between(clean, noisy) > 0).all()
