@@ -31,3 +31,19 @@ def machine_info(*modules: str) -> dict:
     except (OSError, StopIteration):
         info["cpu_model"] = None
     return info
+
+
+# The TRL side's GRPOConfig settings that make its update the same work as ours (both TRL benches): one pass, no KL,
+# token-mean loss, our AdamW and clip, constant lr.
+TRL_MATCHED_UPDATE = {
+    "num_iterations": 1,
+    "beta": 0.0,
+    "loss_type": "dapo",
+    "weight_decay": 0.01,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.99,
+    "adam_epsilon": 1e-8,
+    "max_grad_norm": 1.0,
+    "lr_scheduler_type": "constant",
+    "warmup_steps": 0,
+}

@@ -287,6 +287,7 @@ def trl_vllm032_sync() -> None:
 
 
 def trl_config(a, tmp: str):
+    from _common import TRL_MATCHED_UPDATE
     from trl import GRPOConfig
 
     return GRPOConfig(
@@ -302,17 +303,8 @@ def trl_config(a, tmp: str):
         num_generations=a.group,
         max_completion_length=a.max_tokens,
         temperature=a.temperature,
-        num_iterations=1,
-        beta=0.0,
-        loss_type="dapo",
         learning_rate=a.lr,
-        weight_decay=0.01,
-        adam_beta1=0.9,
-        adam_beta2=0.99,
-        adam_epsilon=1e-8,
-        max_grad_norm=1.0,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
+        **TRL_MATCHED_UPDATE,
         max_steps=a.updates * (a.warmup + a.rounds),
         gradient_checkpointing=True,
         bf16=a.dtype == "bfloat16",

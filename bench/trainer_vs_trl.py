@@ -150,6 +150,7 @@ class Ours:
 class TRL:
     def __init__(self, args):
         import torch
+        from _common import TRL_MATCHED_UPDATE
         from datasets import Dataset
         from trl import GRPOConfig, GRPOTrainer
 
@@ -171,17 +172,8 @@ class TRL:
             steps_per_generation=self.n_micro,
             num_generations=args.group,
             max_completion_length=args.completion_len,
-            num_iterations=1,
-            beta=0.0,
-            loss_type="dapo",
             learning_rate=args.lr,
-            weight_decay=0.01,
-            adam_beta1=0.9,
-            adam_beta2=0.99,
-            adam_epsilon=1e-8,
-            max_grad_norm=1.0,
-            lr_scheduler_type="constant",
-            warmup_steps=0,
+            **TRL_MATCHED_UPDATE,
             bf16=args.dtype == "bfloat16",
             use_cpu=args.device == "cpu",
             report_to="none",
