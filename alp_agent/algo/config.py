@@ -284,6 +284,13 @@ class OptimConfig(StrictModel):
     )
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup over this many optimizer steps, then constant.")
+    skip_zero_grad_steps: bool = Field(
+        True,
+        description="Hold a step whose gradients are all exactly 0 (every row of its mini-batch has advantage 0 and "
+        "no KL/entropy term): AdamW would still move the weights along its momentum, about 1/(1-beta1) more steps' "
+        "worth of the last signal, and decay them, with no new information. Counted as no_signal. The reference "
+        "(verl) steps anyway: false restores that.",
+    )
     grad_clip: float = Field(
         1.0,
         gt=0,

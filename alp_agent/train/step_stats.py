@@ -23,6 +23,10 @@ TOKEN_KEYS = ("log_ratio", "d_infer", "clean", "noisy", "inf", "entropy", "ent_t
 SEQ_KEYS = ("log_ratio", "d_infer", "clean_d_infer")
 _DTYPES = {"tags": torch.long}  # an empty share (a rank with no row) must concatenate with the others' as the same type
 
+# step metrics the trainer averages into the batch record as steps_mean/<key>
+STEP_MEAN_KEYS: tuple[str, ...] = ("loss/", "grad_norm", "clip_frac/", "kl_train_infer/", "kl_noise/", "entropy")
+STEP_MEAN_KEYS += ("mask/", "padding_frac", "sigma")
+
 
 def ratio_metrics(raw: dict[str, torch.Tensor], base_name: str, clamp: float) -> dict[str, float]:
     """Token and sequence ratio summaries against the loss's base (`infer` or `old`) and, for the baselines whose base

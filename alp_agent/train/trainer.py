@@ -9,8 +9,8 @@
   4. every micro-batch (`_micro_step`): training forward with noise (ALP) inside `perturbation.active(step, micro)`,
      per-token loss from `algo.losses.policy_loss`, aggregated with the mini-batch token count so accumulation equals
      one big batch;
-  5. clip, skip non-finite steps (counted), AdamW step (`_apply_gradients`); metrics per step and per batch through
-     one MetricsWriter (statistics in alp_agent.train.step_stats).
+  5. clip, skip non-finite steps (counted), hold all-zero-gradient steps, AdamW step (`_apply_gradients`); metrics
+     per step and per batch through one MetricsWriter (statistics in alp_agent.train.step_stats).
 Then `sync_weights(engine)` pushes the weights (never the log-sigmas) into the engine in place.
 
 Under torchrun (`trainer.dist.strategy` ddp or fsdp2, see alp_agent/train/distributed.py) every rank holds the same
@@ -59,12 +59,8 @@ from alp_agent.train.logprobs import chunk_tokens_for, microbatch_logprobs
 from alp_agent.train.metrics import episode_metrics, mean_over
 from alp_agent.train.noise_kl import record_noise_kl
 from alp_agent.train.ranks import Command
-from alp_agent.train.step_stats import StepStats, old_infer_metrics, ratio_metrics
+from alp_agent.train.step_stats import STEP_MEAN_KEYS, StepStats, old_infer_metrics, ratio_metrics
 from alp_agent.train.trainer_state import TrainerState
-
-# step metrics averaged into the batch record as steps_mean/<key>
-_STEP_MEAN_KEYS: tuple[str, ...] = ("loss/", "grad_norm", "clip_frac/", "kl_train_infer/", "kl_noise/", "entropy")
-_STEP_MEAN_KEYS += ("mask/", "padding_frac", "sigma")
 
 
 class Trainer(TrainerState):
@@ -85,7 +81,7 @@ class Trainer(TrainerState):
         self.cfg = config or TrainerConfig()
         self.model = model
         self.device = next(model.parameters()).device
-        self.writer = writer
+        self.writer = writer  # None on ranks > 0
         self.cfg, self.dtype_reason = with_compute_dtype(self.cfg, self.device.type)  # update.dtype auto resolved
         a, u = self.cfg.algo, self.cfg.update
         if next(model.parameters()).dtype != torch.float32:
@@ -248,18 +244,20 @@ class Trainer(TrainerState):
             stats.add(mb, logp, ent, terms, mask, float(loss.detach()))
 
     def _apply_gradients(self) -> dict[str, Any]:
-        """Sigma penalty, rank averaging of the s_l gradient, clipping, and the AdamW step unless a norm is not finite
-        (then the step is skipped and counted)."""
+        """Sigma penalty, rank averaging of the s_l gradient, clipping, and the AdamW step, except when a norm is not
+        finite (skipped, counted) or, with optim.skip_zero_grad_steps, when every gradient is exactly 0 (held: AdamW
+        would move the weights along its momentum and decay them with no new information)."""
         p = self.perturbation
         gn, sgn, sig_grad, m = prepare_gradients(self.optimizer, p, self.cfg, self.distributed)
         skipped = not (math.isfinite(gn) and math.isfinite(sgn))
-        if skipped:
-            self.skipped_steps += 1
+        held = not skipped and self.cfg.optim.skip_zero_grad_steps and gn == 0.0 and sgn == 0.0
+        self.skipped_steps += int(skipped)
+        if skipped or held:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
             self.scheduler.step()
-        m.update({"grad_norm": gn, "grad_norm/log_sigma": sgn, "skipped": float(skipped)})
+        m.update({"grad_norm": gn, "grad_norm/log_sigma": sgn, "skipped": float(skipped), "no_signal": float(held)})
         m["skipped_steps_total"] = float(self.skipped_steps)
         m["lr"] = self.optimizer.param_groups[0]["lr"]
         if p is not None:
@@ -343,10 +341,10 @@ class Trainer(TrainerState):
         bm["time/update"] = time.perf_counter() - t0
         raw_all = {k: torch.cat([r[k] for r in raws]) for k in raws[0]}
         bm.update(ratio_metrics(raw_all, "old" if a.uses_old_logprobs else "infer", a.log_ratio_clamp))
-        bm.update({f"steps_mean/{k}": v for k, v in mean_over(step_ms).items() if k.startswith(_STEP_MEAN_KEYS)})
-        bm["skipped_steps"] = float(sum(s["skipped"] for s in step_ms))
-        bm["skipped_steps_total"] = float(self.skipped_steps)
-        bm["optimizer_steps"] = float(len(step_ms))
+        bm.update({f"steps_mean/{k}": v for k, v in mean_over(step_ms).items() if k.startswith(STEP_MEAN_KEYS)})
+        for k in ("skipped", "no_signal"):
+            bm[f"{k}_steps"] = float(sum(s[k] for s in step_ms))
+        bm["skipped_steps_total"], bm["optimizer_steps"] = float(self.skipped_steps), float(len(step_ms))
         if self.perturbation is not None:
             bm.update(self.perturbation.metrics())
         return bm

@@ -171,6 +171,25 @@ def test_every_algorithm_trains(algo):
         assert "kl_old_infer/k3" in metrics
 
 
+@pytest.mark.parametrize("skip", [True, False])
+def test_zero_signal_batch_holds_the_weights(skip: bool):
+    """A batch of all-equal groups has advantage 0 everywhere, so every gradient is exactly 0. Held (the default),
+    the weights and the s_l stay put; stepped (the reference), AdamW keeps moving them along its momentum."""
+    m = tiny()
+    tr = Trainer(m, config(optim={"skip_zero_grad_steps": skip}))
+    tr.update(make_batch(tiny()))  # a batch with signal first: AdamW now has momentum
+    before, sig_before = flat(m), tr.perturbation.log_sigma.detach().clone()
+    flat_batch = make_batch(tiny(), seed=1)
+    for t in flat_batch:
+        t.reward = 1.0
+    metrics = tr.update(flat_batch)
+    assert metrics["adv/zero_adv_group_frac"] == 1.0 and metrics["steps_mean/grad_norm"] == 0.0
+    assert metrics["no_signal_steps"] == (2.0 if skip else 0.0) and metrics["skipped_steps"] == 0.0
+    assert torch.equal(before, flat(m)) == skip
+    assert torch.equal(sig_before, tr.perturbation.log_sigma.detach()) == skip
+    assert tr.step == 4  # held steps still advance the step counter (the noise seed)
+
+
 def test_nonfinite_grad_skips_step_and_counts():
     m = tiny()
     tr = Trainer(m, config(update={"updates_per_batch": 1}))
