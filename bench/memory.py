@@ -24,6 +24,8 @@ Variants (`--variants a,b`; each a fresh job, run one after the other in this in
   glibc_default   without `keep_freed_memory()` (glibc's own mmap/trim thresholds)
   no_trim         with `release_freed_memory()` (the malloc_trim after each phase) disabled
   foreach_off     AdamW with foreach=False (no whole-model temporaries in the step)
+  mimalloc        the job under mimalloc (LD_PRELOAD of the `cmeel-mimalloc` wheel's library; sandboxed code runs
+                  with a clean environment, so only the job and its helpers use it)
 
     python bench/memory.py                                   # base, no-bf16 CPU settings: bench/results/memory.json
     python bench/memory.py --variants base,no_trim --out bench/results/memory_trim.json
@@ -125,7 +127,7 @@ def _apply_variant(variant: str) -> None:
             init(self, *a, **k)
 
         torch.optim.AdamW.__init__ = no_foreach
-    elif variant != "base":
+    elif variant not in ("base", "mimalloc"):  # mimalloc: the environment does it (run_variant)
         raise SystemExit(f"unknown variant {variant!r}")
 
 
@@ -258,6 +260,13 @@ def run_variant(variant: str, args, overrides: list[str]) -> dict:
     if args.cpu == "no-bf16":
         env["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE"
         job_args.append("engine.dtype=float32")
+    if variant == "mimalloc":
+        from alp_agent.train.hardware import mimalloc_library
+
+        lib = mimalloc_library()
+        if lib is None:
+            raise SystemExit("variant mimalloc: pip install cmeel-mimalloc (no libmimalloc.so in this environment)")
+        env["LD_PRELOAD"] = lib
     if args.fresh_cache:
         env["ALP_CACHE"] = tempfile.mkdtemp(prefix="alp-cache-")  # the GGUF conversion runs (and is measured)
     cmd = [sys.executable, __file__, "--child", variant, "--", *job_args]
