@@ -21,6 +21,7 @@ Page faults (minor) and system time come from getrusage around each timed batch.
 
     python bench/trainer.py                       # writes bench/results/trainer.json
     python bench/trainer.py --dtypes float32,bfloat16 --batches 3
+    python bench/trainer.py --variants packed_chunked --allocators keep,mimalloc   # glibc vs mimalloc, same run
     ONEDNN_MAX_CPU_ISA=AVX512_CORE python bench/trainer.py   # imitate a CPU without native bf16 (trainer side)
 """
 
@@ -156,7 +157,9 @@ def child(variant: str, dtype: str, args) -> dict:
     from alp_agent.models import load_model
     from alp_agent.train.hardware import keep_freed_memory
 
-    allocator = keep_freed_memory() if args.allocator == "keep" else "glibc defaults"
+    allocator = (
+        keep_freed_memory() if args.allocator != "default" else "glibc defaults"
+    )  # names mimalloc when preloaded
     trajs = load_trajectories(args.samples, args.trajectories)
     state = load_model("smollm2", dtype=torch.float32).state_dict()
     tdt = torch.float32 if dtype == "float32" else torch.bfloat16
@@ -185,6 +188,20 @@ def child(variant: str, dtype: str, args) -> dict:
     }
 
 
+def _allocator_env(allocator: str) -> dict[str, str]:
+    """The child's environment: LD_PRELOAD of the mimalloc wheel's library for `mimalloc`, else this one's."""
+    if allocator == "keep" or allocator == "default":
+        return dict(os.environ)
+    if allocator != "mimalloc":
+        raise SystemExit(f"unknown allocator {allocator!r} (keep, default, mimalloc)")
+    from alp_agent.train.hardware import mimalloc_library
+
+    lib = mimalloc_library()
+    if lib is None:
+        raise SystemExit("allocator mimalloc: pip install cmeel-mimalloc (no libmimalloc.so in this environment)")
+    return dict(os.environ, LD_PRELOAD=lib)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtypes", default="auto", help="comma list of update.dtype values (auto, float32, bfloat16)")
@@ -194,7 +211,13 @@ def main() -> None:
     ap.add_argument("--micro-tokens", type=int, default=1024, help="update.micro_batch_tokens (quickstart: 1024)")
     ap.add_argument("--samples", default="results/repro/runs/*/samples.jsonl")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "trainer.json"))
-    ap.add_argument("--allocator", default="keep", choices=["keep", "default"], help="keep: glibc keeps freed buffers")
+    ap.add_argument(
+        "--allocators",
+        default="keep",
+        help="comma list: keep (glibc keeping freed buffers, the job's glibc setting), default (glibc's own), "
+        "mimalloc (LD_PRELOAD of the cmeel-mimalloc wheel, what scripts/quickstart.sh runs)",
+    )
+    ap.add_argument("--allocator", default="keep", help=argparse.SUPPRESS)  # the child's one allocator
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -211,24 +234,25 @@ def main() -> None:
         onednn_max_cpu_isa=os.environ.get("ONEDNN_MAX_CPU_ISA"),
         ld_preload=os.environ.get("LD_PRELOAD"),
     )
-    combos = [(v, resolve_compute_dtype(d, "cpu")[0]) for d in args.dtypes.split(",") for v in args.variants.split(",")]
+    dtypes = [resolve_compute_dtype(d, "cpu")[0] for d in args.dtypes.split(",")]
+    combos = [(v, d, a) for d in dtypes for v in args.variants.split(",") for a in args.allocators.split(",")]
     results = []
-    for v, d in dict.fromkeys(combos):  # one fresh process each: peaks and page faults do not mix
+    for v, d, a in dict.fromkeys(combos):  # one fresh process each: peaks and page faults do not mix
         cmd = [sys.executable, __file__, "--child", f"{v}:{d}", "--batches", str(args.batches)]
-        cmd += ["--trajectories", str(args.trajectories), "--samples", args.samples, "--allocator", args.allocator]
+        cmd += ["--trajectories", str(args.trajectories), "--samples", args.samples, "--allocator", a]
         cmd += ["--micro-tokens", str(args.micro_tokens)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=_allocator_env(a))
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             raise SystemExit(f"{v}:{d} failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
         results.append(json.loads(line[7:]))
     print(f"CPU flags: avx512_bf16={info['avx512_bf16']} amx_bf16={info['amx_bf16']} threads={info['threads']} "
           f"ONEDNN_MAX_CPU_ISA={info['onednn_max_cpu_isa']} LD_PRELOAD={info['ld_preload']}")  # fmt: skip
-    hdr = "| variant | dtype | tokens | computed | padding | update s | tok/s | peak GF/s | MFU | hw util | minflt | sys s | RSS GiB |"
+    hdr = "| variant | dtype | allocator | tokens | computed | padding | update s | tok/s | peak GF/s | MFU | hw util | minflt | sys s | RSS GiB |"
     print(hdr + "\n|" + "---|" * (hdr.count("|") - 1))
     for r in results:
         print(
-            f"| {r['variant']} | {r['dtype']} | {r['tokens']} | {r['computed_positions']} | {r['padding_frac']:.2f} "
+            f"| {r['variant']} | {r['dtype']} | {r['allocator']} | {r['tokens']} | {r['computed_positions']} | {r['padding_frac']:.2f} "
             f"| {r['time_s']:.1f} | {r['tokens_per_s']:.0f} | {max(r['peak_gflops']):.0f} | {r['mfu']:.2f} "
             f"| {r['hw_util']:.2f} | {r['minflt']} | {r['sys_s']:.1f} | {r['peak_rss_gib']:.2f} |"
         )

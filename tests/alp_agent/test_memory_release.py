@@ -51,3 +51,29 @@ def test_lean_phase_releases_even_when_the_block_fails():
     with pytest.raises(RuntimeError), lean_phase(opt):
         raise RuntimeError("boom")
     assert model.weight.grad is None
+
+
+@glibc
+def test_mimalloc_preload_runs_torch_and_turns_the_glibc_tuning_off():
+    """scripts/quickstart.sh preloads the cmeel-mimalloc wheel's library: torch runs under it, the start-up line names
+    it, and the glibc-only tuning (mmap threshold, malloc_trim) stands aside."""
+    import os
+    import subprocess
+    import sys
+
+    from alp_agent.train.hardware import mimalloc_library
+
+    lib = mimalloc_library()
+    assert lib is not None and os.path.basename(lib).startswith("libmimalloc.so"), "cmeel-mimalloc is a dependency"
+    code = (
+        "import torch\n"
+        "from alp_agent.train.hardware import keep_freed_memory, release_freed_memory\n"
+        "x = torch.randn(512, 512) @ torch.randn(512, 512)\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print(keep_freed_memory(), release_freed_memory(), 'libmimalloc' in maps, bool(torch.isfinite(x).all()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=dict(os.environ, LD_PRELOAD=lib), capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["allocator:", os.path.basename(lib), "(LD_PRELOAD)", "False", "True", "True"]
