@@ -8,9 +8,9 @@ bash scripts/setup.sh
 . "${ALP_VENV:-.venv}/bin/activate"
 export VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-ERROR}"  # vLLM CPU start-up warnings are noise here
 export TORCH_CPP_LOG_LEVEL="${TORCH_CPP_LOG_LEVEL:-ERROR}"  # C++ warnings (vLLM's NUMA binding) before torch loads
-# mimalloc (the cmeel-mimalloc wheel) for the job: lower peak RSS and fewer page faults in the update than glibc
-# (bench/README.md "memory"); ALP_ALLOCATOR=glibc keeps glibc. The start-up log names the allocator in use.
-if [ "${ALP_ALLOCATOR:-mimalloc}" = mimalloc ]; then
+# ALP_ALLOCATOR=mimalloc runs the job under mimalloc (the cmeel-mimalloc wheel): 0.3-0.5 GiB lower peak RSS but a
+# ~1.25x slower update than glibc with the job's tuning (bench/README.md "allocators"): for machines short of memory.
+if [ "${ALP_ALLOCATOR:-glibc}" = mimalloc ]; then
   lib="$(python -c 'from alp_agent.train.hardware import mimalloc_library as m; print(m() or "")')"
   [ -n "$lib" ] && export LD_PRELOAD="$lib${LD_PRELOAD:+:$LD_PRELOAD}"
 fi

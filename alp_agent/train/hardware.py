@@ -175,9 +175,9 @@ def _other_allocator() -> str | None:
 def mimalloc_library() -> str | None:
     """The shared library of the `cmeel-mimalloc` wheel (a dependency on Linux), for LD_PRELOAD; None if absent.
 
-    Why: the allocator has to be chosen before the process starts, so scripts/quickstart.sh preloads it. In the main
-    job it lowered the update's peak RSS by 0.29 GiB and its page faults 2.7x against glibc with `keep_freed_memory`
-    (bench/memory.py --variants mimalloc,base; bench/README.md "memory")."""
+    Why: the allocator has to be chosen before the process starts, so scripts/quickstart.sh preloads it when asked
+    (ALP_ALLOCATOR=mimalloc). Against glibc with `keep_freed_memory` it lowers the update's peak RSS by 0.3-0.5 GiB
+    but makes the update ~1.25x slower (3x the system time), hence opt-in (bench/README.md "allocators")."""
     import glob
     import sysconfig
 
