@@ -47,3 +47,13 @@ TRL_MATCHED_UPDATE = {
     "lr_scheduler_type": "constant",
     "warmup_steps": 0,
 }
+
+
+def with_mimalloc(env: dict[str, str]) -> dict[str, str]:
+    """`env` plus LD_PRELOAD of the cmeel-mimalloc wheel's library (both allocator benches); exits if it is absent."""
+    from alp_agent.train.hardware import mimalloc_library
+
+    lib = mimalloc_library()
+    if lib is None:
+        raise SystemExit("mimalloc: pip install cmeel-mimalloc (no libmimalloc.so in this environment)")
+    return dict(env, LD_PRELOAD=lib)

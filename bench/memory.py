@@ -49,6 +49,8 @@ import threading
 import time
 from pathlib import Path
 
+from _common import with_mimalloc  # bench/ is sys.path[0] when run as python bench/X.py
+
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
 MARK = "@@mem "  # the child's phase markers on stderr
@@ -261,12 +263,7 @@ def run_variant(variant: str, args, overrides: list[str]) -> dict:
         env["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE"
         job_args.append("engine.dtype=float32")
     if variant == "mimalloc":
-        from alp_agent.train.hardware import mimalloc_library
-
-        lib = mimalloc_library()
-        if lib is None:
-            raise SystemExit("variant mimalloc: pip install cmeel-mimalloc (no libmimalloc.so in this environment)")
-        env["LD_PRELOAD"] = lib
+        env = with_mimalloc(env)
     if args.fresh_cache:
         env["ALP_CACHE"] = tempfile.mkdtemp(prefix="alp-cache-")  # the GGUF conversion runs (and is measured)
     cmd = [sys.executable, __file__, "--child", variant, "--", *job_args]

@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import machine_info  # bench/ is sys.path[0] when run as python bench/X.py
+from _common import machine_info, with_mimalloc  # bench/ is sys.path[0] when run as python bench/X.py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -157,9 +157,8 @@ def child(variant: str, dtype: str, args) -> dict:
     from alp_agent.models import load_model
     from alp_agent.train.hardware import keep_freed_memory
 
-    allocator = (
-        keep_freed_memory() if args.allocator != "default" else "glibc defaults"
-    )  # names mimalloc when preloaded
+    # keep_freed_memory() says which allocator runs: glibc tuned, or the preloaded mimalloc (which it leaves alone)
+    allocator = "glibc defaults" if args.allocator == "default" else keep_freed_memory()
     trajs = load_trajectories(args.samples, args.trajectories)
     state = load_model("smollm2", dtype=torch.float32).state_dict()
     tdt = torch.float32 if dtype == "float32" else torch.bfloat16
@@ -189,17 +188,10 @@ def child(variant: str, dtype: str, args) -> dict:
 
 
 def _allocator_env(allocator: str) -> dict[str, str]:
-    """The child's environment: LD_PRELOAD of the mimalloc wheel's library for `mimalloc`, else this one's."""
-    if allocator == "keep" or allocator == "default":
-        return dict(os.environ)
-    if allocator != "mimalloc":
+    """The child's environment: with the mimalloc wheel preloaded for `mimalloc`, else this one's."""
+    if allocator not in ("keep", "default", "mimalloc"):
         raise SystemExit(f"unknown allocator {allocator!r} (keep, default, mimalloc)")
-    from alp_agent.train.hardware import mimalloc_library
-
-    lib = mimalloc_library()
-    if lib is None:
-        raise SystemExit("allocator mimalloc: pip install cmeel-mimalloc (no libmimalloc.so in this environment)")
-    return dict(os.environ, LD_PRELOAD=lib)
+    return with_mimalloc(dict(os.environ)) if allocator == "mimalloc" else dict(os.environ)
 
 
 def main() -> None:
@@ -215,7 +207,7 @@ def main() -> None:
         "--allocators",
         default="keep",
         help="comma list: keep (glibc keeping freed buffers, the job's glibc setting), default (glibc's own), "
-        "mimalloc (LD_PRELOAD of the cmeel-mimalloc wheel, what scripts/quickstart.sh runs)",
+        "mimalloc (LD_PRELOAD of the cmeel-mimalloc wheel, what ALP_ALLOCATOR=mimalloc bash scripts/quickstart.sh runs)",
     )
     ap.add_argument("--allocator", default="keep", help=argparse.SUPPRESS)  # the child's one allocator
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)

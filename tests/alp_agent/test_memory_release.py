@@ -55,8 +55,8 @@ def test_lean_phase_releases_even_when_the_block_fails():
 
 @glibc
 def test_mimalloc_preload_runs_torch_and_turns_the_glibc_tuning_off():
-    """scripts/quickstart.sh preloads the cmeel-mimalloc wheel's library: torch runs under it, the start-up line names
-    it, and the glibc-only tuning (mmap threshold, malloc_trim) stands aside."""
+    """`ALP_ALLOCATOR=mimalloc bash scripts/quickstart.sh` preloads the cmeel-mimalloc wheel's library: torch runs
+    under it, the start-up line names it, and the glibc-only tuning (mmap threshold, malloc_trim) stands aside."""
     import os
     import subprocess
     import sys
