@@ -291,6 +291,12 @@ class OptimConfig(StrictModel):
         "worth of the last signal, and decay them, with no new information. Counted as no_signal. The reference "
         "(verl) steps anyway: false restores that.",
     )
+    fused: bool = Field(
+        True,
+        description="The fused AdamW kernel (one pass per tensor; CPU and CUDA): 7x faster than foreach for "
+        "SmolLM2-135M on 2 CPU cores and none of foreach's model-sized temporaries. FSDP2 shards use foreach. "
+        "Same update rule either way (rounding differences only).",
+    )
     grad_clip: float = Field(
         1.0,
         gt=0,

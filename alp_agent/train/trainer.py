@@ -58,6 +58,7 @@ from alp_agent.train.hardware import lean_phase, with_compute_dtype
 from alp_agent.train.logprobs import chunk_tokens_for, microbatch_logprobs
 from alp_agent.train.metrics import episode_metrics, mean_over
 from alp_agent.train.noise_kl import record_noise_kl
+from alp_agent.train.optimizer import build_optimizer, use_fused_adamw
 from alp_agent.train.ranks import Command
 from alp_agent.train.step_stats import STEP_MEAN_KEYS, StepStats, old_infer_metrics, ratio_metrics
 from alp_agent.train.trainer_state import TrainerState
@@ -110,34 +111,15 @@ class Trainer(TrainerState):
         self.forward_model = D.wrap_policy(model, self.cfg.dist)
         if self.sharded and self.ref_model is not None:
             D.wrap_policy(self.ref_model, self.cfg.dist)
-        self._build_optimizer()
+        self.optimizer, self.scheduler = build_optimizer(
+            model, self.perturbation, self.cfg, use_fused_adamw(self.cfg, self.device, self.sharded)
+        )
         self.step = 0  # optimizer steps taken or skipped; part of the noise seed
         self.batch = 0  # rollout batches consumed by update()
         self.policy_version = 0  # version of the weights the engine should sample with; +1 per update()
         self.data_cursor = 0  # the outer loop's position in its task stream (saved in checkpoints)
         self.skipped_steps = 0
         self.shuffle_gen = torch.Generator().manual_seed(u.seed)
-
-    def _build_optimizer(self) -> None:
-        """AdamW over the policy (weight decay) and, when learnable, the s_l in a group of their own."""
-        o = self.cfg.optim
-        groups = [
-            {
-                "params": [p for p in self.model.parameters() if p.requires_grad],
-                "lr": o.lr,
-                "weight_decay": o.weight_decay,
-                "name": "policy",
-            }
-        ]
-        pc, p = self.cfg.algo.perturb, self.perturbation
-        sigma_group = p.optimizer_group(pc.sigma_lr, pc.sigma_wd(o.weight_decay)) if p is not None else None
-        if sigma_group is not None:
-            groups.append(sigma_group)
-        self.optimizer = torch.optim.AdamW(groups, betas=o.betas, eps=o.adam_eps)
-        warm = o.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0
-        )
 
     # ------------------------------------------------------------------ forwards
     def _autocast(self):

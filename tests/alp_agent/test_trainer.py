@@ -118,6 +118,18 @@ def test_activation_checkpointing_gives_same_update():
     assert torch.allclose(res[0], res[1], atol=1e-6)
 
 
+def test_fused_adamw_gives_the_foreach_update():
+    res = []
+    for fused in (True, False):
+        m = tiny()
+        tr = Trainer(m, config(optim={"fused": fused}))
+        assert tr.optimizer.defaults["fused"] is (True if fused else None)
+        tr.update(make_batch(tiny()))
+        res.append((flat(m), tr.perturbation.sigmas()))
+    assert torch.allclose(res[0][0], res[1][0], atol=1e-6) and torch.allclose(res[0][1], res[1][1], atol=1e-6)
+    assert not torch.equal(res[0][0], flat(tiny()))  # the step moved the weights
+
+
 def test_micro_batching_equals_one_big_batch():
     res = []
     for budget in (24, 100000):
