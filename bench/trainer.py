@@ -8,8 +8,12 @@ trained like the quickstart: Seq-ALP, 4 optimizer steps per batch, micro-batches
 
 Variants, each in a fresh process (peak RSS and page faults do not mix; two trainers with full logits do not fit
 beside six other jobs in 24 GB), run one after the other; each measures its own matmul peak before and after:
-  padded_full     right-padded rows bucketed by length, the model's full [tokens x vocab] logits (before issue 15)
-  packed_chunked  packed rows (no padding computed) + chunked hidden x lm_head log-probs (the default now)
+  padded_full     right-padded rows bucketed by length, the model's full [tokens x vocab] logits, foreach AdamW
+                  (before issue 15)
+  packed_dense    packed rows (no padding computed) + chunked hidden x lm_head log-probs, attention dense over each
+                  packed row with a block-diagonal mask, foreach AdamW (the default until 2026-11-30)
+  packed_chunked  the default now: packed_dense with attention per packed trajectory (train.packed_attention) and
+                  the fused AdamW kernel
 each in the compute dtype(s) asked for (--dtypes; `auto` resolves by the CPU's bf16 flags).
 
 Model FLOP utilisation (MFU) = 6 x parameters x computed non-pad tokens / time, over the GFLOP/s of a large float32
@@ -17,11 +21,14 @@ Model FLOP utilisation (MFU) = 6 x parameters x computed non-pad tokens / time, 
 (the better of the two). "hw util" counts the work actually executed instead: the body (parameters minus the LM
 head) on every token, the LM head only on trained tokens, times 3 for forward + backward, plus one recomputed LM-head
 forward per trained token (the chunked backward); padding positions count for padded_full, since they are computed.
+With --checkpointing (the quickstart's setting) both count the recomputed forward: + 2 x parameters per token (the
+issue's rule). Neither counts attention; its query-key pairs, computed and needed, are in the JSON.
 Page faults (minor) and system time come from getrusage around each timed batch.
 
     python bench/trainer.py                       # writes bench/results/trainer.json
     python bench/trainer.py --dtypes float32,bfloat16 --batches 3
     python bench/trainer.py --variants packed_chunked --allocators keep,mimalloc   # glibc vs mimalloc, same run
+    python bench/trainer.py --variants packed_dense,packed_chunked --checkpointing   # as the quickstart trains
     ONEDNN_MAX_CPU_ISA=AVX512_CORE python bench/trainer.py   # imitate a CPU without native bf16 (trainer side)
 """
 
@@ -42,7 +49,11 @@ from _common import machine_info, with_mimalloc  # bench/ is sys.path[0] when ru
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = {"padded_full": {"pack": False, "logprob_chunk_tokens": 0}, "packed_chunked": {"pack": True}}
+VARIANTS = {  # update and optim keys over the bench's base config
+    "padded_full": {"update": {"pack": False, "logprob_chunk_tokens": 0}, "optim": {"fused": False}},
+    "packed_dense": {"update": {"pack": True, "packed_attention": False}, "optim": {"fused": False}},
+    "packed_chunked": {"update": {"pack": True}, "optim": {}},
+}
 
 
 def matmul_gflops(dtype, n: int = 2048, reps: int = 5) -> float:
@@ -79,7 +90,7 @@ def load_trajectories(pattern: str, n: int):
     return out
 
 
-def build(variant: str, dtype: str, state: dict, micro_tokens: int):
+def build(variant: str, dtype: str, state: dict, micro_tokens: int, checkpointing: bool):
     import torch
 
     from alp_agent.algo.config import TrainerConfig
@@ -89,11 +100,11 @@ def build(variant: str, dtype: str, state: dict, micro_tokens: int):
     model = load_model("smollm2", dtype=torch.float32)
     model.load_state_dict(state)
     upd = {"updates_per_batch": 4, "micro_batch_tokens": micro_tokens, "clean_metrics_every": 0, "dtype": dtype}
-    upd.update(VARIANTS[variant])
+    upd.update(VARIANTS[variant]["update"], activation_checkpointing=checkpointing)
     cfg = TrainerConfig.model_validate(
         {
             "algo": {"name": "alp", "ratio_level": "sequence", "perturb": {"sigma0": 1e-3, "sigma_lr": 0.01}},
-            "optim": {"lr": 3e-5},
+            "optim": {"lr": 3e-5, **VARIANTS[variant]["optim"]},
             "update": upd,
         }
     )
@@ -105,6 +116,7 @@ def flops(trainer, trajs) -> dict[str, float]:
     import torch
 
     from alp_agent.train.batching import collate, micro_batches, rows_from
+    from alp_agent.train.packed_attention import spans_of, uses_packed_attention
 
     params = sum(p.numel() for p in trainer.model.parameters())
     head = trainer.model.get_output_embeddings().weight.numel()
@@ -116,11 +128,18 @@ def flops(trainer, trajs) -> dict[str, float]:
     for mb_rows in micro_batches(rows, u.micro_batch_tokens, u.max_micro_batch_size, u.pack):
         mb = collate(mb_rows, torch.device("cpu"), u.pack)
         computed += mb.ids.numel()
-        pairs, needed = pairs + mb.attn_pairs[0], needed + mb.attn_pairs[1]
+        if u.pack and uses_packed_attention(trainer.model):  # each segment's causal triangle, the tails' too
+            spans = spans_of(mb.segments or [], *mb.ids.shape)
+            pairs += sum((e - s) * (e - s + 1) // 2 for row in spans for s, e in row)
+        else:  # dense over each model row (a mask, not a shorter computation)
+            pairs += mb.attn_pairs[0]
+        needed += mb.attn_pairs[1]
     if trainer.chunk_tokens > 0:
         hw = 6 * (params - head) * computed + (6 + 2) * head * trained
     else:
         hw = 6 * params * computed
+    recompute = 2 if u.activation_checkpointing else 0  # one more forward of the body per token
+    hw += recompute * (params - head) * computed
     return {
         "params": params,
         "tokens": real,
@@ -129,7 +148,8 @@ def flops(trainer, trajs) -> dict[str, float]:
         "padding_frac": 1 - real / computed,
         "attn_pairs_computed": pairs,
         "attn_pairs_needed": needed,
-        "model_flops": 6 * params * real,
+        "activation_checkpointing": u.activation_checkpointing,
+        "model_flops": (6 + recompute) * params * real,
         "hw_flops": hw,
     }
 
@@ -163,7 +183,7 @@ def child(variant: str, dtype: str, args) -> dict:
     state = load_model("smollm2", dtype=torch.float32).state_dict()
     tdt = torch.float32 if dtype == "float32" else torch.bfloat16
     peaks = [matmul_gflops(tdt)]
-    trainer = build(variant, dtype, state, args.micro_tokens)
+    trainer = build(variant, dtype, state, args.micro_tokens, args.checkpointing)
     del state
     work = flops(trainer, trajs)
     warm = timed_update(trainer, trajs)  # first backward, AdamW state allocation
@@ -201,6 +221,11 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=2, help="timed batches per variant (after one warm-up)")
     ap.add_argument("--trajectories", type=int, default=36)
     ap.add_argument("--micro-tokens", type=int, default=1024, help="update.micro_batch_tokens (quickstart: 1024)")
+    ap.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="activation checkpointing, as the quickstart runs (MFU then counts the recomputed forward: 8 N per token)",
+    )
     ap.add_argument("--samples", default="results/repro/runs/*/samples.jsonl")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "trainer.json"))
     ap.add_argument(
@@ -232,7 +257,7 @@ def main() -> None:
     for v, d, a in dict.fromkeys(combos):  # one fresh process each: peaks and page faults do not mix
         cmd = [sys.executable, __file__, "--child", f"{v}:{d}", "--batches", str(args.batches)]
         cmd += ["--trajectories", str(args.trajectories), "--samples", args.samples, "--allocator", a]
-        cmd += ["--micro-tokens", str(args.micro_tokens)]
+        cmd += ["--micro-tokens", str(args.micro_tokens)] + (["--checkpointing"] if args.checkpointing else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=_allocator_env(a))
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:

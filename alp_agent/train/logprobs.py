@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from alp_agent.train.chunked_head import _kept, head_logprobs, truncation_threshold
+from alp_agent.train.packed_attention import spans_of, uses_packed_attention
 
 if TYPE_CHECKING:  # batching imports the rollout package; the engines import this module
     from alp_agent.train.batching import MicroBatch
@@ -136,11 +137,18 @@ def microbatch_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T) logprobs (and entropy) of a collated micro-batch in its loss layout, computed only where a token
     is trained on (mb.src/dst/tgt); other positions are 0. The model runs on mb.ids (packed rows with position ids,
-    or right-padded rows with an attention mask). chunk_tokens > 0: chunked hidden x lm_head (no full logits)."""
+    or right-padded rows with an attention mask; packed under train.packed_attention, each trajectory's own causal
+    attention only). chunk_tokens > 0: chunked hidden x lm_head (no full logits)."""
     if mb.src is None or mb.dst is None or mb.tgt is None:
         raise ValueError("microbatch_logprobs needs a micro-batch from batching.collate (src/dst/tgt)")
     src, dst, tgt = mb.src, mb.dst, mb.tgt
-    inputs = {"input_ids": mb.ids, "attention_mask": mb.attn if mb.pos is None else None, "position_ids": mb.pos}
+    inputs: dict[str, object] = {
+        "input_ids": mb.ids,
+        "attention_mask": mb.attn if mb.pos is None else None,
+        "position_ids": mb.pos,
+    }
+    if mb.pos is not None and mb.segments is not None and uses_packed_attention(model):
+        inputs["packed_spans"] = spans_of(mb.segments, *mb.ids.shape)  # each trajectory's causal triangle only
     if chunk_tokens > 0:
         h, head = hidden_states(model, **inputs)
         sel = h.reshape(-1, h.shape[-1]).index_select(0, src)

@@ -59,6 +59,7 @@ from alp_agent.train.logprobs import chunk_tokens_for, microbatch_logprobs
 from alp_agent.train.metrics import episode_metrics, mean_over
 from alp_agent.train.noise_kl import record_noise_kl
 from alp_agent.train.optimizer import build_optimizer, use_fused_adamw
+from alp_agent.train.packed_attention import enable_packed_attention
 from alp_agent.train.ranks import Command
 from alp_agent.train.step_stats import STEP_MEAN_KEYS, StepStats, old_infer_metrics, ratio_metrics
 from alp_agent.train.trainer_state import TrainerState
@@ -97,6 +98,8 @@ class Trainer(TrainerState):
         self.perturbation = build_perturbation(model, a, rank=D.rank())
         if self.perturbation is not None:
             self.perturbation.to(self.device)
+        if u.pack and u.packed_attention:
+            enable_packed_attention(model)  # before the reference copy, so it has it too
         self.ref_model = ref_model
         if a.kl_coef > 0 and self.ref_model is None:
             self.ref_model = copy.deepcopy(model)
