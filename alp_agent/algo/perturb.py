@@ -62,10 +62,20 @@ class RowNoise:
         self.base, self.step, self.layer, self.rank, self.segments = base, step, layer, rank, segments
 
     def draw(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        eps = torch.zeros(shape, device=device)
+        """Each segment drawn in place (the values `gaussian` gives, without its copy), only the rest zeroed."""
+        eps = torch.empty(shape, device=device)
+        covered: list[list[tuple[int, int]]] = [[] for _ in range(shape[0])]
         for b, off, n, key in (s[:4] for s in self.segments):
-            seed = noise_seed(self.base, self.step, self.ROW_KEY + key, self.layer, self.rank)
-            eps[b, off : off + n] = gaussian(torch.Size((n, *shape[2:])), seed, device, torch.float32)
+            g = torch.Generator(device=device)
+            g.manual_seed(noise_seed(self.base, self.step, self.ROW_KEY + key, self.layer, self.rank))
+            torch.randn((n, *shape[2:]), generator=g, device=device, out=eps[b, off : off + n])
+            covered[b].append((off, off + n))
+        for b, spans in enumerate(covered):  # padding and bin tails: no noise
+            end = 0
+            for s, e in [*sorted(spans), (shape[1], shape[1])]:
+                if s > end:
+                    eps[b, end:s].zero_()
+                end = max(end, e)
         return eps
 
 

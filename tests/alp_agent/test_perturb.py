@@ -8,6 +8,7 @@ from torch import nn
 from alp_agent.algo.config import AlgoConfig
 from alp_agent.algo.perturb import (
     LayerPerturbation,
+    RowNoise,
     add_noise,
     build_perturbation,
     find_decoder_layers,
@@ -207,3 +208,15 @@ def test_logits_only_variant():
         noisy[:, 1:].sum().backward()
     assert not torch.allclose(clean, noisy)
     assert p.log_sigma.grad is not None and p.log_sigma.grad.abs().item() > 0
+
+
+def test_row_noise_is_each_segments_own_gaussian_and_zero_elsewhere():
+    """Packed rows: each trajectory's (length, hidden) block is its own seeded draw, wherever it sits; positions
+    outside every segment (a gap, a bin's tail, padding) get no noise."""
+    segs = [(0, 3, 20, 5), (0, 23, 11, 9), (1, 0, 40, 2)]
+    eps = RowNoise(123, 4, 7, 0, segs).draw(torch.Size((2, 40, 16)), torch.device("cpu"))
+    want = torch.zeros(2, 40, 16)
+    for b, off, n, key in segs:
+        seed = noise_seed(123, 4, RowNoise.ROW_KEY + key, 7, 0)
+        want[b, off : off + n] = gaussian(torch.Size((n, 16)), seed, torch.device("cpu"), torch.float32)
+    assert torch.equal(eps, want) and eps[0, :3].abs().sum() == 0 and eps[0, 34:].abs().sum() == 0
