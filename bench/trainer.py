@@ -12,8 +12,8 @@ beside six other jobs in 24 GB), run one after the other; each measures its own 
                   (before issue 15)
   packed_dense    packed rows (no padding computed) + chunked hidden x lm_head log-probs, attention dense over each
                   packed row with a block-diagonal mask, foreach AdamW (the default until 2026-11-30)
-  packed_chunked  the default now: packed_dense with attention per packed trajectory (train.packed_attention) and
-                  the fused AdamW kernel
+  packed_chunked  the default now: packed_dense with the fused AdamW kernel
+  packed_segments packed_chunked with attention per packed trajectory (update.packed_attention, opt-in)
 each in the compute dtype(s) asked for (--dtypes; `auto` resolves by the CPU's bf16 flags).
 
 Model FLOP utilisation (MFU) = 6 x parameters x computed non-pad tokens / time, over the GFLOP/s of a large float32
@@ -53,6 +53,7 @@ VARIANTS = {  # update and optim keys over the bench's base config
     "padded_full": {"update": {"pack": False, "logprob_chunk_tokens": 0}, "optim": {"fused": False}},
     "packed_dense": {"update": {"pack": True, "packed_attention": False}, "optim": {"fused": False}},
     "packed_chunked": {"update": {"pack": True}, "optim": {}},
+    "packed_segments": {"update": {"pack": True, "packed_attention": True}, "optim": {}},
 }
 
 
@@ -217,7 +218,7 @@ def _allocator_env(allocator: str) -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtypes", default="auto", help="comma list of update.dtype values (auto, float32, bfloat16)")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default="padded_full,packed_dense,packed_chunked")
     ap.add_argument("--batches", type=int, default=2, help="timed batches per variant (after one warm-up)")
     ap.add_argument("--trajectories", type=int, default=36)
     ap.add_argument("--micro-tokens", type=int, default=1024, help="update.micro_batch_tokens (quickstart: 1024)")

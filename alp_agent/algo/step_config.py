@@ -81,10 +81,12 @@ class UpdateConfig(StrictModel):
         "padding; False: right-padded rows bucketed by length.",
     )
     packed_attention: bool = Field(
-        True,
+        False,
         description="With pack: attention per packed trajectory (SDPA, causal, one call per segment) instead of "
         "dense over the row with a block-diagonal mask, which computes every query-key pair of the row (2.1x the "
-        "needed ones on the quickstart's batches). Same results; SDPA models only (others keep their attention).",
+        "needed ones on the quickstart's batches). Same results; SDPA models only. Off by default: on 2 CPU cores "
+        "the per-segment calls took longer than the dense masked ones (SDPA 5.6 vs 4.7 s over a quickstart batch; "
+        "bench/README.md 'trainer throughput'); long rows on a GPU are where it may pay, not measured yet.",
     )
     activation_checkpointing: bool = Field(
         False, description="Recompute layer activations in backward (HF gradient checkpointing)."

@@ -2,10 +2,11 @@
 
 Why: a packed micro-batch row holds several trajectories back to back (alp_agent.train.batching). Given only position
 ids, transformers builds a block-diagonal causal mask and SDPA computes every query-key pair of the row densely, then
-masks: for the quickstart's batches 2.1x the pairs that are needed (2.81 M vs 1.33 M per update), about a tenth of the
-update's time on a CPU (bench/README.md "trainer throughput"). Here each segment goes through SDPA on its own with
-`is_causal=True` (the CPU flash kernel then skips the blocks above the diagonal), and the outputs are laid back side
-by side: the same result, no masked work.
+masks: for the quickstart's batches 2.1x the pairs that are needed (2.81 M vs 1.33 M per update). Here each segment
+goes through SDPA on its own with `is_causal=True` (the flash kernels then skip the blocks above the diagonal), and
+the outputs are laid back side by side: the same result, no masked work. Opt-in (update.packed_attention): on 2 CPU
+cores the many short calls took longer than the one dense masked call (5.6 vs 4.7 s of SDPA over a quickstart batch,
+bench/README.md "trainer throughput"); long packed rows on a GPU are where it should pay.
 
 How it is wired: the trainer switches its model (and reference) to the attention implementation `PACKED_SDPA`
 (registered below with transformers' AttentionInterface, with SDPA's own mask builder) when it packs micro-batches,

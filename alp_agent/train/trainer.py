@@ -99,7 +99,7 @@ class Trainer(TrainerState):
         if self.perturbation is not None:
             self.perturbation.to(self.device)
         if u.pack and u.packed_attention:
-            enable_packed_attention(model)  # before the reference copy, so it has it too
+            enable_packed_attention(model)  # opt-in; before the reference copy, so it has it too
         self.ref_model = ref_model
         if a.kl_coef > 0 and self.ref_model is None:
             self.ref_model = copy.deepcopy(model)

@@ -57,10 +57,13 @@ def test_packed_attention_equals_dense_mask_and_padded(monkeypatch):
     assert all(not causal for _, causal, _ in calls) and torch.allclose(again[0], base[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("pack,on,want", [(True, True, True), (True, False, False), (False, True, False)])
+@pytest.mark.parametrize(
+    "pack,on,want", [(True, True, True), (True, False, False), (False, True, False), (True, None, False)]
+)
 def test_trainer_switches_only_packed_models(pack, on, want):
     m = tiny()
-    Trainer(m, config(update={"pack": pack, "packed_attention": on}))
+    upd = {"pack": pack} if on is None else {"pack": pack, "packed_attention": on}  # None: the default (off)
+    Trainer(m, config(update=upd))
     assert PA.uses_packed_attention(m) is want
 
 
@@ -68,7 +71,7 @@ def test_switched_model_generates_and_exports_as_sdpa(tmp_path):
     m = tiny()
     ids = torch.tensor([[5, 6, 7, 8]])
     ref = m.generate(ids, max_new_tokens=6, do_sample=False)
-    Trainer(m, config())
+    Trainer(m, config(update={"packed_attention": True}))
     assert PA.uses_packed_attention(m)
     assert torch.equal(m.generate(ids, max_new_tokens=6, do_sample=False), ref)
     m.save_pretrained(tmp_path)
