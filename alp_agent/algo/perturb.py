@@ -42,10 +42,15 @@ def noise_seed(base: int, step: int, micro: int, layer: int, rank: int = 0) -> i
     return x
 
 
-def gaussian(shape: torch.Size, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Standard normal noise that depends only on (shape, seed, device type): drawn in float32, then cast."""
+def gaussian(
+    shape: torch.Size, seed: int, device: torch.device, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Standard normal noise that depends only on (shape, seed, device type): drawn in float32, then cast.
+    out: a float32 tensor of `shape` to draw into in place (the same values, no copy)."""
     g = torch.Generator(device=device)
     g.manual_seed(seed)
+    if out is not None:
+        return torch.randn(shape, generator=g, device=device, out=out)
     return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
 
 
@@ -66,9 +71,8 @@ class RowNoise:
         eps = torch.empty(shape, device=device)
         covered: list[list[tuple[int, int]]] = [[] for _ in range(shape[0])]
         for b, off, n, key in (s[:4] for s in self.segments):
-            g = torch.Generator(device=device)
-            g.manual_seed(noise_seed(self.base, self.step, self.ROW_KEY + key, self.layer, self.rank))
-            torch.randn((n, *shape[2:]), generator=g, device=device, out=eps[b, off : off + n])
+            seed = noise_seed(self.base, self.step, self.ROW_KEY + key, self.layer, self.rank)
+            gaussian(torch.Size((n, *shape[2:])), seed, device, torch.float32, out=eps[b, off : off + n])
             covered[b].append((off, off + n))
         for b, spans in enumerate(covered):  # padding and bin tails: no noise
             end = 0
