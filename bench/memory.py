@@ -24,6 +24,8 @@ Variants (`--variants a,b`; each a fresh job, run one after the other in this in
   glibc_default   without `keep_freed_memory()` (glibc's own mmap/trim thresholds)
   no_trim         with `release_freed_memory()` (the malloc_trim after each phase) disabled
   foreach_off     AdamW with foreach=False (no whole-model temporaries in the step)
+  kv_kept         the engine's KV cache stays resident through the update (engine.release_kv_cache=false: the job
+                  before the sixth session)
   mimalloc        the job under mimalloc (LD_PRELOAD of the `cmeel-mimalloc` wheel's library; sandboxed code runs
                   with a clean environment, so only the job and its helpers use it)
 
@@ -129,7 +131,7 @@ def _apply_variant(variant: str) -> None:
             init(self, *a, **k)
 
         torch.optim.AdamW.__init__ = no_foreach
-    elif variant not in ("base", "mimalloc"):  # mimalloc: the environment does it (run_variant)
+    elif variant not in ("base", "mimalloc", "kv_kept"):  # these two: run_variant's environment / overrides
         raise SystemExit(f"unknown variant {variant!r}")
 
 
@@ -264,6 +266,8 @@ def run_variant(variant: str, args, overrides: list[str]) -> dict:
         job_args.append("engine.dtype=float32")
     if variant == "mimalloc":
         env = with_mimalloc(env)
+    if variant == "kv_kept":
+        job_args.append("engine.release_kv_cache=false")
     if args.fresh_cache:
         env["ALP_CACHE"] = tempfile.mkdtemp(prefix="alp-cache-")  # the GGUF conversion runs (and is measured)
     cmd = [sys.executable, __file__, "--child", variant, "--", *job_args]

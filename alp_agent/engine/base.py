@@ -61,6 +61,12 @@ class Engine(abc.ABC):
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Replace the policy weights in place (HF parameter names). Never receives ALP log-sigmas."""
 
+    def release_kv_cache(self) -> int:
+        """Give the KV cache's memory back until the next request needs it (the loop calls this before an update,
+        when nothing samples); returns the bytes released. The prefix cache is gone afterwards. Default: nothing to
+        release (an engine without a KV cache of its own, or one whose memory is not the host's)."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 - a default no-op that engines without resources keep
         pass
 

@@ -41,6 +41,13 @@ class EngineConfig(StrictModel):
         description="CPU only (VLLM_CPU_KVCACHE_SPACE): KV cache size in whole GiB (vLLM reads an integer: 0.5 "
         "fails at start-up); vLLM's own default grabs 12 GiB.",
     )
+    release_kv_cache: bool = Field(
+        True,
+        description="CPU only: before each update (synchronous rollout only), reset the prefix cache and hand the KV "
+        "cache's pages back to the OS (engine/kv_release.py); they come back as the next rollout writes blocks. What "
+        "verl's `free_cache_engine` / vLLM's sleep mode (level 1) do on GPUs, which vLLM's CPU worker does not "
+        "support. Takes `cpu_kvcache_space_gib` off the update's peak memory for ~0.1 s of page faults per batch.",
+    )
     cpu_threads_bind: str | None = Field(
         None, description="CPU only (VLLM_CPU_OMP_THREADS_BIND), e.g. '0-1'; None binds all cores of this process."
     )

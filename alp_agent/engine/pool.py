@@ -142,6 +142,10 @@ class EnginePool(Engine):
             if exc is not None:
                 raise exc
 
+    def release_kv_cache(self) -> int:
+        """Every member's KV cache (members release one after another: each is a few milliseconds)."""
+        return sum(e.release_kv_cache() for e in self.engines)
+
     def close(self) -> None:
         errors = []
         for e in self.engines:

@@ -84,6 +84,12 @@ def _serve(config: dict, env: dict[str, str], cmd, res) -> None:
         except Exception as exc:  # noqa: BLE001 - forwarded to the parent's future
             send(("error", rid, _picklable(exc)))
 
+    def release(rid: int) -> None:
+        try:
+            send(("result", rid, engine.release_kv_cache()))
+        except Exception as exc:  # noqa: BLE001 - forwarded to the parent's future
+            send(("error", rid, _picklable(exc)))
+
     weights: SharedWeights | None = None
     try:
         while True:
@@ -103,6 +109,8 @@ def _serve(config: dict, env: dict[str, str], cmd, res) -> None:
             elif kind == "load":
                 # VLLMEngine applies it when no request is in flight; keep reading requests meanwhile
                 threading.Thread(target=load, args=(msg[1], weights), daemon=True).start()
+            elif kind == "release":  # also waits for an idle engine: off the reading thread, like "load"
+                threading.Thread(target=release, args=(msg[1],), daemon=True).start()
             elif kind == "close":
                 break
     finally:
@@ -274,6 +282,12 @@ class ProcessEngine(FutureEngine):
             self._weights = SharedWeights.for_state_dict(state_dict, self.weight_dtype)
         self._weights.fill(state_dict)
         self.load_shared(self._weights).result()
+
+    def release_kv_cache(self) -> int:
+        """The child's `VLLMEngine.release_kv_cache` (bytes released in the child)."""
+        rid, fut = self._new_future()
+        self._send(("release", rid))
+        return int(fut.result())
 
     def close(self) -> None:
         """Ask the child to shut vLLM down; terminate it if it does not within 30 s."""

@@ -233,6 +233,19 @@ class VLLMEngine(FutureEngine):
 
         self._run_job(load)
 
+    def release_kv_cache(self) -> int:
+        """CPU: reset the prefix cache and hand the KV cache's pages to the kernel (kv_release.py), between requests.
+        CUDA: 0 (vLLM's own sleep mode is the tool there; it needs `enable_sleep_mode` at start-up)."""
+        if torch.cuda.is_available():
+            return 0
+        from alp_agent.engine.kv_release import release_worker_kv_cache
+
+        def release() -> int:
+            self._engine.reset_prefix_cache()
+            return int(sum(self._engine.collective_rpc(release_worker_kv_cache)))
+
+        return int(self._run_job(release))  # type: ignore[call-overload]
+
     def close(self) -> None:
         """Stop the stepping thread and release vLLM (KV cache, model) so another engine can start in-process."""
         if self._thread.is_alive():

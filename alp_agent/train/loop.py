@@ -58,6 +58,7 @@ class LoopConfig:
     eval_every: int = 0  # batches; 0 = never (needs hooks.evaluate)
     async_rollout: bool = False  # sample batch k+1 while the trainer updates on batch k
     max_staleness: int = 1  # async: most policy versions between sampling weights and the update that consumes them
+    release_kv_cache: bool = False  # before an update with no rollout in flight: the engine's KV cache memory to the OS
 
     @classmethod
     def from_run_config(cls, cfg: RunConfig, num_tasks: int, checkpoint_dir: str | None = None) -> LoopConfig:
@@ -74,6 +75,7 @@ class LoopConfig:
             eval_every=cfg.eval.every,
             async_rollout=r.async_rollout,
             max_staleness=r.max_staleness,
+            release_kv_cache=cfg.engine.release_kv_cache,
         )
 
 
@@ -194,6 +196,8 @@ class _Loop:
                 with deferred_interrupt():
                     t_sync += self.sync()
             self.pending = self.start(background=True)
+        if self.engine is not None and cfg.release_kv_cache and self.pending is None:
+            roll_m["engine/kv_released_gib"] = self.engine.release_kv_cache() / 2**30
         self.hooks.phase("update")
         with deferred_interrupt():
             tr.data_cursor = current.cursor

@@ -31,7 +31,14 @@ class CopyEngine:
         self.version = trainer.policy_version
         self.busy = 0
         self.loads: list[int] = []
+        self.releases: list[int] = []  # the trainer's version at each release_kv_cache call
         self.lock = threading.Lock()
+
+    def release_kv_cache(self) -> int:
+        with self.lock:
+            assert self.busy == 0, "KV cache released while a rollout was sampling"
+            self.releases.append(self.trainer.policy_version)
+        return 2**30
 
     def load_weights(self, sd) -> None:
         with self.lock:
@@ -107,6 +114,16 @@ def test_sync_mode_is_unchanged():
     _, eng, hist = _train(3)
     assert [h["staleness/max"] for h in hist] == [0, 0, 0] and eng.loads == [1, 2, 3]
     assert "time/rollout_wait" not in hist[0]
+
+
+def test_kv_cache_is_released_before_each_synchronous_update_only():
+    """engine.release_kv_cache: once per batch, after its rollout and before its update (version not yet bumped). In
+    async mode only before the last update: before the others the next batch is already sampling."""
+    _, eng, hist = _train(3, release_kv_cache=True)
+    assert eng.releases == [0, 1, 2] and eng.loads == [1, 2, 3]
+    assert [h["engine/kv_released_gib"] for h in hist] == [1.0, 1.0, 1.0]
+    _, eng, hist = _train(3, release_kv_cache=True, async_rollout=True)
+    assert eng.releases == [2] and "engine/kv_released_gib" not in hist[0]
 
 
 def test_async_needs_an_engine():

@@ -105,6 +105,9 @@ def test_process_engine_samples_like_the_inprocess_engine(pool, tiny_vllm_engine
         for member in pool.engines:
             _same(member.generate(PROMPTS, s), ref)
         _same(pool.generate(PROMPTS, s), ref)  # the pool deals prompts round-robin and keeps their order
+    # each child releases its own KV cache (1 GiB) and samples the same afterwards
+    assert pool.release_kv_cache() > 2 * 0.99 * 2**30
+    _same(pool.generate(PROMPTS, s), ref)
     # request errors cross the process boundary as the same exception type
     with pytest.raises(ValueError, match="max_model_len"):
         pool.engines[0].generate([list(range(600))], SamplingConfig(max_tokens=4))

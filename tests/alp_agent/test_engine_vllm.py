@@ -126,3 +126,42 @@ def test_top_k_top_p_logprobs_are_of_the_truncated_distribution(tiny_vllm_engine
             truncated = torch.log_softmax(row.masked_fill(~keep, float("-inf")), -1)[tok].item()
             assert abs(g.logprobs[i] - truncated) < 1e-4
             assert g.logprobs[i] > torch.log_softmax(row, -1)[tok].item()
+
+
+def _resident_bytes(ranges: list[tuple[int, int]]) -> int:
+    """Bytes of the pages inside (address, bytes) ranges that are in RAM now (mincore(2))."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page, total = mmap.PAGESIZE, 0
+    for addr, n in ranges:
+        start, end = -(-addr // page) * page, (addr + n) // page * page
+        vec = ctypes.create_string_buffer((end - start) // page)
+        assert libc.mincore(start, end - start, vec) == 0, ctypes.get_errno()
+        total += sum(b & 1 for b in vec.raw) * page
+    return total
+
+
+def test_released_kv_cache_leaves_memory_and_samples_the_same(tiny_vllm_engine):
+    """release_kv_cache (the CPU form of vLLM's sleep, run before each update) hands the whole 1 GiB cache back to
+    the OS, and afterwards the same requests sample exactly the same tokens and logprobs. The prompt spans several
+    32-token blocks and was just cached: had the prefix cache not been reset, its blocks (now zero pages) would be
+    reused and the logprobs would change."""
+    from alp_agent.engine.kv_release import kv_cache_ranges
+
+    prompt, s = PROMPTS[1] * 8, SamplingConfig(temperature=1.0, max_tokens=24, seed=11)
+    assert len(prompt) > 3 * 32
+    before = tiny_vllm_engine.generate([prompt, prompt[:-5]], s)
+    ranges = tiny_vllm_engine._engine.collective_rpc(kv_cache_ranges)[0]
+    assert sum(n for _, n in ranges) == tiny_vllm_engine.config.cpu_kvcache_space_gib * 2**30
+    assert _resident_bytes(ranges) > 0  # the blocks just written at least
+    released = tiny_vllm_engine.release_kv_cache()
+    assert released > 0.99 * sum(n for _, n in ranges)
+    assert _resident_bytes(ranges) == 0
+    after = tiny_vllm_engine.generate([prompt, prompt[:-5]], s)
+    assert 0 < _resident_bytes(ranges) < 0.1 * released  # only the blocks this request wrote came back
+    for a, b in zip(before, after):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == b.logprobs
