@@ -30,7 +30,8 @@ import pickle
 import threading
 import traceback
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 
 import torch
 
@@ -55,6 +56,13 @@ def _picklable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
+def _load(engine, weights: SharedWeights | None) -> None:
+    """Load the weights last sent in the shared buffers (the parent always sends them before the first load)."""
+    if weights is None:
+        raise RuntimeError("weight load requested before any shared weights were sent")
+    engine.load_weights(weights.views())
+
+
 def _serve(config: dict, env: dict[str, str], cmd, res) -> None:
     """Child main: build the VLLMEngine, then turn pipe messages into engine calls until told to close."""
     os.environ.update(env)  # before vLLM (and CUDA) initialise: device visibility and OpenMP binding are per process
@@ -77,16 +85,11 @@ def _serve(config: dict, env: dict[str, str], cmd, res) -> None:
         exc = fut.exception()
         send(("error", rid, _picklable(exc)) if exc is not None else ("result", rid, fut.result()))
 
-    def load(rid: int, weights: SharedWeights) -> None:
+    def control(rid: int, fn: Callable[[], object]) -> None:
+        """A control call (weight load, KV release): VLLMEngine runs it when no request is in flight, so it runs
+        off the reading thread, which keeps taking requests meanwhile."""
         try:
-            engine.load_weights(weights.views())
-            send(("loaded", rid))
-        except Exception as exc:  # noqa: BLE001 - forwarded to the parent's future
-            send(("error", rid, _picklable(exc)))
-
-    def release(rid: int) -> None:
-        try:
-            send(("result", rid, engine.release_kv_cache()))
+            send(("result", rid, fn()))
         except Exception as exc:  # noqa: BLE001 - forwarded to the parent's future
             send(("error", rid, _picklable(exc)))
 
@@ -106,11 +109,9 @@ def _serve(config: dict, env: dict[str, str], cmd, res) -> None:
                     send(("error", rid, _picklable(exc)))
             elif kind == "weights":
                 weights = msg[1]
-            elif kind == "load":
-                # VLLMEngine applies it when no request is in flight; keep reading requests meanwhile
-                threading.Thread(target=load, args=(msg[1], weights), daemon=True).start()
-            elif kind == "release":  # also waits for an idle engine: off the reading thread, like "load"
-                threading.Thread(target=release, args=(msg[1],), daemon=True).start()
+            elif kind in ("load", "release"):
+                fn = partial(_load, engine, weights) if kind == "load" else engine.release_kv_cache
+                threading.Thread(target=control, args=(msg[1], fn), daemon=True).start()
             elif kind == "close":
                 break
     finally:
