@@ -212,10 +212,14 @@ class Sampler:
         procs, rss_main, rss_kids, forking = self._tree(), 0, 0, 0
         for p in list(procs):
             try:
-                r = p.memory_info().rss
                 # a child between (v)fork and exec still runs the job's command line and reports the job's own
-                # memory (vfork: the very same pages): counting it would double the job for one sample
-                if p.pid != self.root.pid and r > 64 * 1024**2 and p.cmdline() == self.cmdline:
+                # memory (vfork: the very same pages): counting it would double the job for one sample. The command
+                # line is read *before* the RSS: read after, an exec completing between the two reads showed the
+                # new program's command line next to the job's RSS (sixth session: one-sample spikes to 42 GiB when
+                # 36 sandbox sessions started at once)
+                cmdline = p.cmdline() if p.pid != self.root.pid else None
+                r = p.memory_info().rss
+                if cmdline == self.cmdline and r > 64 * 1024**2:
                     procs.remove(p)
                     forking += 1
                     continue
