@@ -71,6 +71,7 @@ def summarize_run(run_dir: Path, kl_threshold: float) -> dict[str, float | None]
         return max(v) if v else None
 
     ent = _vals(last, "entropy")
+    tools, zero_adv = _vals(batches, "tools/calls_per_episode")[-3:], _vals(batches, "adv/zero_adv_group_frac")
     return {
         "acc_before": acc[0] if acc else None,
         "acc_final": acc[-1] if acc else None,
@@ -92,6 +93,9 @@ def summarize_run(run_dir: Path, kl_threshold: float) -> dict[str, float | None]
         "kl_threshold": kl_threshold,
         "skipped": float(end.get("skipped_steps_total", 0.0)) if end else None,
         "entropy_end": sum(ent) / len(ent) if ent else None,
+        # how a run collapses: the policy stops calling the tool, and groups lose their reward signal
+        "tools_end": sum(tools) / len(tools) if tools else None,
+        "zero_adv_mean": sum(zero_adv) / len(zero_adv) if zero_adv else None,
         "sigma_end": end.get("sigma/mean"),
         "steps": float(len(steps)),
     }
@@ -128,6 +132,8 @@ COLUMNS = [  # (key, header, format)
     ("kl_spikes", "KL spikes", "{:.0f}"),
     ("skipped", "skipped steps", "{:.0f}"),
     ("entropy_end", "entropy (last batch)", "{:.3f}"),
+    ("tools_end", "tool calls per episode (last 3 batches)", "{:.2f}"),
+    ("zero_adv_mean", "groups without signal (mean over batches)", "{:.2f}"),
 ]
 
 

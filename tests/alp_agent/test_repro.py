@@ -74,6 +74,8 @@ def _fake_run(run_dir: Path, kl: list[float], acc: list[float], steps_per_batch:
                     "ratio_seq_vs_infer/p2": 0.5,
                     "ratio_seq_vs_infer/p98": 1.0 + b,
                     "skipped_steps_total": 1.0,
+                    "tools/calls_per_episode": 0.5 * b,
+                    "adv/zero_adv_group_frac": 1.0 / b,
                 },
             )
             w.write("eval", b, {"accuracy": acc[b]})
@@ -99,6 +101,7 @@ def test_summary_numbers_and_table(tmp_path):
     assert s["entropy_end"] == pytest.approx(4.0)  # mean over the last batch's two steps (3.5, 4.5)
     assert s["kl_step0"] == 0.001 and s["kl_batch1_growth"] == pytest.approx(200.0)  # 0.2 / 0.001 at batch 1's end
     assert s["seq_width_mean"] == pytest.approx(2.0) and s["collapsed"] == 0.0  # widths 1.5, 2.5; 0.4 >= 0.2
+    assert s["tools_end"] == pytest.approx(0.75) and s["zero_adv_mean"] == pytest.approx(0.75)  # (0.5+1)/2, (1+.5)/2
     table = write_results(plan, tmp_path, command="alp-agent repro", name="default")
     text = table.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| seq_alp |"))
