@@ -165,3 +165,20 @@ def test_released_kv_cache_leaves_memory_and_samples_the_same(tiny_vllm_engine):
     for a, b in zip(before, after):
         assert a.token_ids == b.token_ids
         assert a.logprobs == b.logprobs
+
+
+def test_a_refused_kv_release_is_logged_and_changes_nothing(tiny_vllm_engine, monkeypatch, caplog):
+    """If the kernel refuses the madvise (an unusual mapping), the job goes on: 0 bytes, a warning, same samples."""
+    import alp_agent.engine.kv_release as kv_release
+
+    def refuse(ranges):
+        raise OSError(22, "madvise(MADV_DONTNEED) failed on the KV cache")
+
+    prompt, s = PROMPTS[1] * 4, SamplingConfig(temperature=1.0, max_tokens=12, seed=4)
+    before = tiny_vllm_engine.generate([prompt], s)
+    monkeypatch.setattr(kv_release, "release_pages", refuse)
+    with caplog.at_level("WARNING"):
+        assert tiny_vllm_engine.release_kv_cache() == 0
+    assert "stays resident" in caplog.text
+    after = tiny_vllm_engine.generate([prompt], s)
+    assert before[0].token_ids == after[0].token_ids and before[0].logprobs == after[0].logprobs
