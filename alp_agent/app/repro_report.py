@@ -29,6 +29,10 @@ def _vals(recs: list[dict], key: str) -> list[float]:
     return [float(r[key]) for r in recs if r.get(key) is not None and math.isfinite(float(r[key]))]
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def _width(rec: dict) -> float | None:
     lo, hi = rec.get("ratio_seq_vs_infer/p2"), rec.get("ratio_seq_vs_infer/p98")
     return None if lo is None or hi is None else float(hi) - float(lo)
@@ -83,19 +87,19 @@ def summarize_run(run_dir: Path, kl_threshold: float) -> dict[str, float | None]
         "tok_ratio_max": mx("ratio_token_vs_infer/max"),
         "seq_width_end": _width(end),
         "seq_width_max": max(widths) if widths else None,
-        "seq_width_mean": sum(widths) / len(widths) if widths else None,
+        "seq_width_mean": _mean(widths),
         "kl_step0": kl[0] if kl else None,
         "kl_batch1_end": b1[-1] if b1 else None,
         "kl_batch1_growth": b1[-1] / b1[0] if len(b1) >= 1 and b1[0] > 0 else None,
         "kl_peak": max(kl) if kl else None,
-        "kl_mean": sum(kl) / len(kl) if kl else None,
+        "kl_mean": _mean(kl),
         "kl_spikes": float(sum(k > kl_threshold for k in kl)) if kl else None,
         "kl_threshold": kl_threshold,
         "skipped": float(end.get("skipped_steps_total", 0.0)) if end else None,
-        "entropy_end": sum(ent) / len(ent) if ent else None,
+        "entropy_end": _mean(ent),
         # how a run collapses: the policy stops calling the tool, and groups lose their reward signal
-        "tools_end": sum(tools) / len(tools) if tools else None,
-        "zero_adv_mean": sum(zero_adv) / len(zero_adv) if zero_adv else None,
+        "tools_end": _mean(tools),
+        "zero_adv_mean": _mean(zero_adv),
         "sigma_end": end.get("sigma/mean"),
         "steps": float(len(steps)),
     }

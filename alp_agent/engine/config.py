@@ -43,10 +43,11 @@ class EngineConfig(StrictModel):
     )
     release_kv_cache: bool = Field(
         True,
-        description="CPU only: before each update (synchronous rollout only), reset the prefix cache and hand the KV "
+        description="CPU only: before each update that no rollout overlaps, reset the prefix cache and hand the KV "
         "cache's pages back to the OS (engine/kv_release.py); they come back as the next rollout writes blocks. What "
         "verl's `free_cache_engine` / vLLM's sleep mode (level 1) do on GPUs, which vLLM's CPU worker does not "
-        "support. Takes `cpu_kvcache_space_gib` off the update's peak memory for ~0.1 s of page faults per batch.",
+        "support. Takes `cpu_kvcache_space_gib` off the update's peak memory for under 1 s of release and page "
+        "faults per batch (bench/README.md, memory).",
     )
     cpu_threads_bind: str | None = Field(
         None, description="CPU only (VLLM_CPU_OMP_THREADS_BIND), e.g. '0-1'; None binds all cores of this process."

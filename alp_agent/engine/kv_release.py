@@ -34,6 +34,12 @@ def kv_cache_ranges(worker) -> list[tuple[int, int]]:
     return sorted(seen.items())
 
 
+def whole_pages(addr: int, nbytes: int) -> tuple[int, int]:
+    """[start, end) of the whole pages inside the range (end <= start: none)."""
+    page = mmap.PAGESIZE
+    return -(-addr // page) * page, (addr + nbytes) // page * page
+
+
 def release_pages(ranges: list[tuple[int, int]]) -> int:
     """Drop the whole pages inside each (address, bytes) range from this process's memory; returns bytes dropped.
 
@@ -42,11 +48,9 @@ def release_pages(ranges: list[tuple[int, int]]) -> int:
     """
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    page = mmap.PAGESIZE
     dropped = 0
     for addr, nbytes in ranges:
-        start = -(-addr // page) * page
-        end = (addr + nbytes) // page * page
+        start, end = whole_pages(addr, nbytes)
         if end <= start:
             continue
         if libc.madvise(start, end - start, MADV_DONTNEED) != 0:

@@ -133,11 +133,13 @@ def _resident_bytes(ranges: list[tuple[int, int]]) -> int:
     import ctypes
     import mmap
 
+    from alp_agent.engine.kv_release import whole_pages
+
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
     page, total = mmap.PAGESIZE, 0
     for addr, n in ranges:
-        start, end = -(-addr // page) * page, (addr + n) // page * page
+        start, end = whole_pages(addr, n)
         vec = ctypes.create_string_buffer((end - start) // page)
         assert libc.mincore(start, end - start, vec) == 0, ctypes.get_errno()
         total += sum(b & 1 for b in vec.raw) * page
