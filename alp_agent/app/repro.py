@@ -67,6 +67,12 @@ class ReproPlan(StrictModel):
         description="When set, a setting's KL spike threshold is this factor x the median step-0 (mismatch-only) "
         "KL(mu||pi) of its runs (overrides kl_spike_threshold, which stays the fallback).",
     )
+    kl_threshold_plan: str | None = Field(
+        None,
+        description="Another plan (path relative to this one) whose runs set the spike threshold of every setting "
+        "they share, so a run has the same spike count in every report: the study's extensions use the central "
+        "set's runs. A setting that plan lacks uses this plan's own runs.",
+    )
     reference_arm: str = Field("seq_bypass", description="Arm every other arm is compared with on the same seeds.")
     claim_arms: list[str] = Field(
         default_factory=lambda: ["seq_alp"], description="Arms whose paired difference gets a verdict per claim."
@@ -118,6 +124,11 @@ def load_plan(path: str | Path, extra: list[str] | None = None) -> tuple[ReproPl
     cfg = (path.parent / plan.config).resolve()
     if not cfg.is_file():
         raise ConfigError(f"{path}: config: {cfg} not found")
+    if plan.kl_threshold_plan is not None:
+        source = (path.parent / plan.kl_threshold_plan).resolve()
+        if not source.is_file():
+            raise ConfigError(f"{path}: kl_threshold_plan: {source} not found")
+        plan.kl_threshold_plan = str(source)
     return plan, cfg
 
 

@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from alp_agent.app.repro import ReproGroup, ReproPlan, RunSpec, plan_runs
+from alp_agent.app.repro import ReproGroup, ReproPlan, RunSpec, load_plan, plan_runs
 from alp_agent.app.repro_stats import CLAIMS, mean_ci, paired_difference, verdict
 
 KL_KEY = "kl_train_infer/clean/k3"
@@ -105,19 +105,28 @@ def summarize_run(run_dir: Path, kl_threshold: float) -> dict[str, float | None]
     }
 
 
+def _step0_kls(plan: ReproPlan, setting: str, runs_dir: Path) -> list[float]:
+    """The step-0 (mismatch-only) KL of every run of `plan` in `setting` that has logged one."""
+    out = []
+    for r in plan_runs(plan):
+        d = runs_dir / r.name
+        if r.setting == setting and (d / "metrics.jsonl").is_file() and (k := step0_kl(d)) is not None:
+            out.append(k)
+    return out
+
+
 def spike_thresholds(plan: ReproPlan, runs_dir: Path) -> dict[str, float]:
     """Per setting: the plan's fixed threshold, or kl_spike_factor x the median step-0 (mismatch-only) KL of the
-    setting's runs, so a quantized regime with a 10x larger mismatch is not all spikes."""
+    setting's runs, so a quantized regime with a 10x larger mismatch is not all spikes. The runs are those of
+    `kl_threshold_plan` where the plan names one and it has runs in the setting, else the plan's own."""
+    source = load_plan(plan.kl_threshold_plan)[0] if plan.kl_threshold_plan else plan
     out = {}
     for s in plan.settings:
         if plan.kl_spike_factor is None:
             out[s] = plan.kl_spike_threshold
             continue
-        k0 = []
-        for r in plan_runs(plan):
-            d = runs_dir / r.name
-            if r.setting == s and (d / "metrics.jsonl").is_file() and (k := step0_kl(d)) is not None:
-                k0.append(k)
+        k0 = _step0_kls(source, s, runs_dir) if s in source.settings else []
+        k0 = k0 or _step0_kls(plan, s, runs_dir)
         out[s] = plan.kl_spike_factor * statistics.median(k0) if k0 else plan.kl_spike_threshold
     return out
 
@@ -239,7 +248,9 @@ def write_results(plan: ReproPlan, out_dir: Path, command: str | None = None, na
         "per optimizer step. A spike is a step whose KL exceeds the setting's threshold ("
         + ", ".join(f"{s}: {t:.3g}" for s, t in thresholds.items())
         + (
-            f" = {plan.kl_spike_factor:g} x the median step-0 mismatch KL of the setting's runs)."
+            f" = {plan.kl_spike_factor:g} x the median step-0 mismatch KL of the setting's runs"
+            + (f" in {Path(plan.kl_threshold_plan).name}" if plan.kl_threshold_plan else "")
+            + ")."
             if plan.kl_spike_factor is not None
             else ")."
         )

@@ -12,7 +12,7 @@ import pytest
 
 from alp_agent.app.cli import main
 from alp_agent.app.repro import execute, load_plan, plan_runs, run_overrides
-from alp_agent.app.repro_report import write_results
+from alp_agent.app.repro_report import spike_thresholds, write_results
 from alp_agent.app.repro_runinfo import cpu_info, finish_attempt, start_attempt
 from alp_agent.app.repro_stats import (
     mean_ci,
@@ -195,6 +195,29 @@ def test_claims_table_and_verdicts_from_runs(tmp_path):
     assert (tmp_path / "plots" / "g_s8_claims.png").stat().st_size > 0
     per_run = json.loads((tmp_path / "plan.json").read_text())
     assert per_run["s8_seq_bypass_s0"]["kl_spikes"] == 1 and per_run["s8_seq_bypass_s0"]["collapsed"] == 1
+
+
+def test_extension_plan_takes_spike_thresholds_from_the_central_plan(tmp_path):
+    arms = "arms: {seq_alp: {trainer.algo.name: alp}, seq_bypass: {trainer.algo.name: bypass}}\n"
+    (tmp_path / "central.yaml").write_text(
+        f"config: {PLANS / 'base.yaml'}\nout_dir: {tmp_path}\nkl_spike_factor: 10\n{arms}"
+        "settings: {s8: {}}\ngroups: [{name: g, arms: [seq_alp, seq_bypass], settings: [s8], seeds: [0]}]\n"
+    )
+    ext = tmp_path / "ext.yaml"
+    ext.write_text(
+        "base: central.yaml\nkl_threshold_plan: central.yaml\narms: {gspo: {trainer.algo.name: gspo}}\n"
+        "settings: {s8: {}, s4: {}}\ngroups: [{name: e, arms: [gspo], settings: [s8, s4], seeds: [0]}]\n"
+    )
+    runs = tmp_path / "runs"
+    for name, k0 in [("s8_seq_alp_s0", 1e-3), ("s8_seq_bypass_s0", 3e-3), ("s8_gspo_s0", 1.0), ("s4_gspo_s0", 0.02)]:
+        _fake(runs / name, k0, 10 * k0, [1.0, 1.0], [0.2, 0.3])
+    plan, _ = load_plan(ext)
+    # s8: 10 x the median of the central runs' 1e-3 and 3e-3, not of gspo's 1.0; s4 (not in central.yaml): its own
+    assert spike_thresholds(plan, runs) == pytest.approx({"s8": 0.02, "s4": 0.2})
+    assert "in central.yaml)" in write_results(plan, tmp_path, name="ext").read_text()
+    ext.write_text(ext.read_text().replace("kl_threshold_plan: central.yaml", "kl_threshold_plan: nowhere.yaml"))
+    with pytest.raises(ConfigError, match="kl_threshold_plan"):
+        load_plan(ext)
 
 
 # ------------------------------------------------------------------------------------------------ run_info
