@@ -302,7 +302,14 @@ def _runs_appendix(per_run: dict[str, dict]) -> list[str]:
     """Every run with its wall time and CPU (from run_info.json)."""
     if not per_run:
         return []
-    lines = ["## Runs", "", "| run | finished | minutes | CPU |", "|---|---|---:|---|"]
+    mins = sorted(r["seconds"] / 60 for r in per_run.values() if r["done"] and r.get("seconds"))
+    cost = (
+        f"What the plan cost: {len(mins)} finished runs, median {statistics.median(mins):.1f} min per run (range "
+        f"{mins[0]:.1f}-{mins[-1]:.1f}; longer runs shared the cores with other work), {sum(mins) / 60:.1f} h in all."
+        if mins
+        else "No finished run has a recorded wall time."
+    )
+    lines = ["## Runs", "", cost, "", "| run | finished | minutes | CPU |", "|---|---|---:|---|"]
     for n, r in sorted(per_run.items()):
         mins = f"{r['seconds'] / 60:.1f}" if r.get("seconds") else "-"
         lines.append(f"| {n} | {'yes' if r['done'] else 'no'} | {mins} | {r.get('cpu') or '-'} |")

@@ -181,8 +181,11 @@ def test_claims_table_and_verdicts_from_runs(tmp_path):
         _fake(runs / f"s8_seq_alp_s{seed}", 1e-3, 5e-3, [1.0, 1.0 + seed], [0.2, alp_acc])
         # the widths' pair differences: -1, -1.25, -1.5
         _fake(runs / f"s8_seq_bypass_s{seed}", 1e-3, 0.5, [2.0, 2.0 + 1.5 * seed], [0.4, byp_acc])
+        for arm, minutes in (("seq_alp", 10 + seed), ("seq_bypass", 20 + seed)):
+            (runs / f"s8_{arm}_s{seed}" / "run_info.json").write_text(json.dumps({"seconds": 60 * minutes}))
     text = write_results(plan, tmp_path, name="plan").read_text()
     assert "s8: 0.01" in text  # 10 x the median step-0 KL
+    assert "6 finished runs, median 16.0 min per run (range 10.0-22.0;" in text and "1.6 h in all" in text
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| seq_alp | ")}
     acc = rows["final held-out accuracy"]  # differences 0.2, 0.25, 0.25 (hand-computed above)
     assert "0.233 [0.162, 0.305]" in acc and "| supported |" in acc
