@@ -117,19 +117,40 @@ def plot_claims(g: ReproGroup, setting: str, per_run: dict[str, dict], out: Path
         return None
     fig, axes = plt.subplots(1, len(CLAIMS), figsize=(3.6 * len(CLAIMS), 4))
     for ax, c in zip(axes, CLAIMS):
-        for i, a in enumerate(g.arms):
-            vals = [float(r[c.key]) for r in rows[a] if r.get(c.key) is not None and math.isfinite(float(r[c.key]))]
-            if not vals:
-                continue
-            jitter = [i + 0.08 * (k - (len(vals) - 1) / 2) for k in range(len(vals))]
-            ax.scatter(jitter, vals, s=14, color=f"C{i % 10}", alpha=0.7)
-            iv = mean_ci(vals)
-            if iv.n >= 2:
-                ax.errorbar([i + 0.3], [iv.mean], yerr=[[iv.mean - iv.lo], [iv.hi - iv.mean]], fmt="_", color="k")
-            else:
-                ax.plot([i + 0.3], [iv.mean], marker="_", color="k")
-        ax.set_xticks(range(len(g.arms)), g.arms, rotation=45, ha="right", fontsize=7)
-        ax.set_title(c.name, fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{g.name} / {setting}: seeds (points), mean and 95 % t interval (black)")
+        _claim_panel(ax, c, g.arms, rows)
+    fig.suptitle(
+        f"{g.name} / {setting}: seeds (points), mean and 95 % t interval (black; an interval wider than the panel "
+        "is cut at its edge and printed in grey)"
+    )
     return _save(fig, out)
+
+
+def _claim_panel(ax, c, arms: list[str], rows: dict[str, list[dict]]) -> None:
+    """One claim: the seeds as points, each arm's mean and interval beside them. The y range follows the points
+    (with 2-3 seeds a t interval can be 10x wider than the data and would squash them to a line); an interval cut
+    by it is written out."""
+    points: list[float] = []
+    cut: list[tuple[int, float, float]] = []
+    for i, a in enumerate(arms):
+        vals = [float(r[c.key]) for r in rows[a] if r.get(c.key) is not None and math.isfinite(float(r[c.key]))]
+        if not vals:
+            continue
+        points += vals
+        jitter = [i + 0.08 * (k - (len(vals) - 1) / 2) for k in range(len(vals))]
+        ax.scatter(jitter, vals, s=14, color=f"C{i % 10}", alpha=0.7)
+        iv = mean_ci(vals)
+        if iv.n >= 2:
+            ax.errorbar([i + 0.3], [iv.mean], yerr=[[iv.mean - iv.lo], [iv.hi - iv.mean]], fmt="_", color="k")
+            cut.append((i, iv.lo, iv.hi))
+        else:
+            ax.plot([i + 0.3], [iv.mean], marker="_", color="k")
+    if points:
+        pad = max(0.25 * (max(points) - min(points)), 0.05 * max(abs(p) for p in points), 1e-6)
+        lo, hi = min(points) - pad, max(points) + pad
+        ax.set_ylim(lo, hi)
+        for i, a_lo, a_hi in cut:
+            if a_lo < lo or a_hi > hi:
+                ax.text(i + 0.35, hi, f"[{a_lo:.3g}, {a_hi:.3g}]", fontsize=6, color="0.4", va="top", rotation=90)
+    ax.set_xticks(range(len(arms)), arms, rotation=45, ha="right", fontsize=7)
+    ax.set_title(c.name, fontsize=7)
+    ax.grid(alpha=0.3)
