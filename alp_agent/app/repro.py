@@ -121,15 +121,18 @@ def load_plan(path: str | Path, extra: list[str] | None = None) -> tuple[ReproPl
         if key in plan.pinned and value != plan.pinned[key]:
             raise ConfigError(f"{item}: {key} is pinned to {plan.pinned[key]!r} by the plan {path} (`pinned`)")
         plan.overrides[key] = value
-    cfg = (path.parent / plan.config).resolve()
-    if not cfg.is_file():
-        raise ConfigError(f"{path}: config: {cfg} not found")
+    cfg = _beside(path, "config", plan.config)
     if plan.kl_threshold_plan is not None:
-        source = (path.parent / plan.kl_threshold_plan).resolve()
-        if not source.is_file():
-            raise ConfigError(f"{path}: kl_threshold_plan: {source} not found")
-        plan.kl_threshold_plan = str(source)
+        plan.kl_threshold_plan = str(_beside(path, "kl_threshold_plan", plan.kl_threshold_plan))
     return plan, cfg
+
+
+def _beside(plan_path: Path, key: str, value: str) -> Path:
+    """A file the plan names (relative to the plan's folder), resolved; a clear error if it is not there."""
+    found = (plan_path.parent / value).resolve()
+    if not found.is_file():
+        raise ConfigError(f"{plan_path}: {key}: {found} not found")
+    return found
 
 
 def plan_runs(plan: ReproPlan) -> list[RunSpec]:

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from alp_agent.app.repro import ReproGroup, ReproPlan, RunSpec
-from alp_agent.app.repro_stats import CLAIMS, mean_ci
+from alp_agent.app.repro_stats import CLAIMS, finite_values, mean_ci
 
 
 def _records(run_dir: Path) -> dict[str, list[dict]]:
@@ -132,7 +132,7 @@ def _claim_panel(ax, c, arms: list[str], rows: dict[str, list[dict]]) -> None:
     points: list[float] = []
     cut: list[tuple[int, float, float]] = []
     for i, a in enumerate(arms):
-        vals = [float(r[c.key]) for r in rows[a] if r.get(c.key) is not None and math.isfinite(float(r[c.key]))]
+        vals = finite_values(rows[a], c.key)
         if not vals:
             continue
         points += vals

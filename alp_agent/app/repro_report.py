@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from alp_agent.app.repro import ReproGroup, ReproPlan, RunSpec, load_plan, plan_runs
-from alp_agent.app.repro_stats import CLAIMS, mean_ci, paired_difference, verdict
+from alp_agent.app.repro_stats import CLAIMS, finite_values, mean_ci, paired_difference, verdict
 
 KL_KEY = "kl_train_infer/clean/k3"
 
@@ -23,10 +23,6 @@ def _records(run_dir: Path) -> dict[str, list[dict]]:
     from alp_agent.app.plots import read_metrics
 
     return read_metrics(run_dir)
-
-
-def _vals(recs: list[dict], key: str) -> list[float]:
-    return [float(r[key]) for r in recs if r.get(key) is not None and math.isfinite(float(r[key]))]
 
 
 def _mean(values: list[float]) -> float | None:
@@ -54,7 +50,7 @@ def _batch_steps(steps: list[dict], batches: list[dict]) -> tuple[list[dict], li
 
 def step0_kl(run_dir: Path) -> float | None:
     """The first optimizer step's clean KL: measured before any update, i.e. the mismatch alone."""
-    kl = _vals(_records(run_dir).get("step", []), KL_KEY)
+    kl = finite_values(_records(run_dir).get("step", []), KL_KEY)
     return kl[0] if kl else None
 
 
@@ -63,19 +59,22 @@ def summarize_run(run_dir: Path, kl_threshold: float) -> dict[str, float | None]
     m = _records(run_dir)
     steps, batches, evals = m.get("step", []), m.get("batch", []), m.get("eval", [])
     first, last = _batch_steps(steps, batches)
-    kl = _vals(steps, KL_KEY)
-    acc = _vals(evals, "accuracy")
-    reward = _vals(batches, "reward/mean")
+    kl = finite_values(steps, KL_KEY)
+    acc = finite_values(evals, "accuracy")
+    reward = finite_values(batches, "reward/mean")
     end = batches[-1] if batches else {}
     widths = [w for w in map(_width, batches) if w is not None]
-    b1 = _vals(first, KL_KEY)
+    b1 = finite_values(first, KL_KEY)
 
     def mx(key: str) -> float | None:
-        v = _vals(steps, key)
+        v = finite_values(steps, key)
         return max(v) if v else None
 
-    ent = _vals(last, "entropy")
-    tools, zero_adv = _vals(batches, "tools/calls_per_episode")[-3:], _vals(batches, "adv/zero_adv_group_frac")
+    ent = finite_values(last, "entropy")
+    tools, zero_adv = (
+        finite_values(batches, "tools/calls_per_episode")[-3:],
+        finite_values(batches, "adv/zero_adv_group_frac"),
+    )
     return {
         "acc_before": acc[0] if acc else None,
         "acc_final": acc[-1] if acc else None,
@@ -125,8 +124,7 @@ def spike_thresholds(plan: ReproPlan, runs_dir: Path) -> dict[str, float]:
         if plan.kl_spike_factor is None:
             out[s] = plan.kl_spike_threshold
             continue
-        k0 = _step0_kls(source, s, runs_dir) if s in source.settings else []
-        k0 = k0 or _step0_kls(plan, s, runs_dir)
+        k0 = _step0_kls(source, s, runs_dir) or _step0_kls(plan, s, runs_dir)
         out[s] = plan.kl_spike_factor * statistics.median(k0) if k0 else plan.kl_spike_threshold
     return out
 
@@ -302,17 +300,18 @@ def _runs_appendix(per_run: dict[str, dict]) -> list[str]:
     """Every run with its wall time and CPU (from run_info.json)."""
     if not per_run:
         return []
-    mins = sorted(r["seconds"] / 60 for r in per_run.values() if r["done"] and r.get("seconds"))
+    done = sorted(r["seconds"] / 60 for r in per_run.values() if r["done"] and r.get("seconds"))
     cost = (
-        f"What the plan cost: {len(mins)} finished runs, median {statistics.median(mins):.1f} min per run (range "
-        f"{mins[0]:.1f}-{mins[-1]:.1f}; longer runs shared the cores with other work), {sum(mins) / 60:.1f} h in all."
-        if mins
+        f"What the plan cost: {len(done)} finished runs, median {statistics.median(done):.1f} min per run (range "
+        f"{done[0]:.1f}-{done[-1]:.1f}; a run's time includes any wait for cores other work held), "
+        f"{sum(done) / 60:.1f} h in all."
+        if done
         else "No finished run has a recorded wall time."
     )
     lines = ["## Runs", "", cost, "", "| run | finished | minutes | CPU |", "|---|---|---:|---|"]
     for n, r in sorted(per_run.items()):
-        mins = f"{r['seconds'] / 60:.1f}" if r.get("seconds") else "-"
-        lines.append(f"| {n} | {'yes' if r['done'] else 'no'} | {mins} | {r.get('cpu') or '-'} |")
+        minutes = f"{r['seconds'] / 60:.1f}" if r.get("seconds") else "-"
+        lines.append(f"| {n} | {'yes' if r['done'] else 'no'} | {minutes} | {r.get('cpu') or '-'} |")
     return lines + [""]
 
 

@@ -76,6 +76,12 @@ class Interval:
         return 1 if self.lo > 0 else -1 if self.hi < 0 else 0
 
 
+def finite_values(records: Sequence[Mapping], key: str) -> list[float]:
+    """`key` of every record that has it as a finite number (a metric a step did not log, or logged as NaN, is
+    skipped rather than counted)."""
+    return [float(r[key]) for r in records if r.get(key) is not None and math.isfinite(float(r[key]))]
+
+
 def mean_ci(values: Sequence[float], level: float = 0.95) -> Interval:
     """Mean and t interval mean +- t_{(1+level)/2, n-1} * s / sqrt(n) (s: sample standard deviation)."""
     v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
