@@ -122,7 +122,7 @@ def test_study_run_configs_meet_the_budget(tmp_path):
 
 
 @pytest.mark.parametrize("plan_file", ["ext1_paper_sigma.yaml", "ext2_token_alp.yaml", "ext3_gspo.yaml",
-                                       "ext4_stale4.yaml", "ext5_layers.yaml", "quick.yaml", "pilot.yaml"])  # fmt: skip
+                                       "ext4_stale4.yaml", "ext5_layers.yaml", "confirm.yaml", "quick.yaml", "pilot.yaml"])  # fmt: skip
 def test_extension_plans_validate(plan_file, tmp_path):
     status = _dry(plan_file, tmp_path)
     assert status and {s["state"] for s in status} == {"dry-run"}
