@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from alp_agent.app.repro import ReproGroup, ReproPlan, RunSpec, load_plan, plan_runs
+from alp_agent.app.repro_course import course_table
 from alp_agent.app.repro_stats import CLAIMS, finite_values, mean_ci, paired_difference, verdict
 
 KL_KEY = "kl_train_infer/clean/k3"
@@ -287,6 +288,7 @@ def _group_section(plan, g, s, per_run, runs_dir: Path, plots: Path, thresholds:
     png = plot_group(plan, g, s, runs_dir, plots / f"{g.name}_{s}.png", kl_threshold=thresholds[s])
     if png is not None:
         lines += [f"![{g.name} {s}](plots/{png.name})", ""]
+    lines += course_table(g, s, runs_dir)
     if len(g.seeds) < 2:  # one seed (--quick): the mechanism only, no intervals
         return lines
     lines += claims_tables(plan, g, s, per_run)
