@@ -55,6 +55,9 @@ def read_course(run_dir: Path) -> list[EvalPoint]:
     file without records gives no point: a damaged eval file shortens the course, it does not break the report."""
     points = []
     for f in sorted(run_dir.glob("eval_batch*.jsonl")):
+        batch = f.stem.removeprefix("eval_batch")
+        if not batch.isdigit():  # not a file the job wrote (eval_batchNNNN.jsonl)
+            continue
         records = []
         for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
@@ -63,7 +66,7 @@ def read_course(run_dir: Path) -> list[EvalPoint]:
                 continue
             if isinstance(rec, dict):
                 records.append(rec)
-        p = _point(int(f.stem.removeprefix("eval_batch")), records)
+        p = _point(int(batch), records)
         if p is not None:
             points.append(p)
     return points

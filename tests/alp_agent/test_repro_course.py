@@ -33,6 +33,7 @@ def test_a_damaged_eval_file_shortens_the_course_without_breaking_it(tmp_path):
     with open(run / "eval_batch0000.jsonl", "a", encoding="utf-8") as f:
         f.write('{"task_index": 2, "correct": [tr\n[1, 2]\n')  # killed mid-write; a line that is not an object
     (run / "eval_batch0004.jsonl").write_bytes(b"\xff\xfe not json\n")
+    (run / "eval_batch_copy.jsonl").write_text('{"correct": [true]}\n')  # not a file the job writes
     pts = read_course(run)
     assert len(pts) == 1 and pts[0].episodes == 2 and pts[0].accuracy == 0.5
 
