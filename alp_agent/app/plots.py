@@ -7,10 +7,11 @@ sequence-ratio quantile envelope over steps, train-inference KL, sigma per layer
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
+
+from alp_agent.app.jsonl import read_records
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -22,11 +23,7 @@ def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory?")
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for rec in read_records(path):
         out.setdefault(rec.get("kind", "?"), []).append(rec)
     return out
 

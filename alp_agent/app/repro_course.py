@@ -9,10 +9,10 @@ hand-made tables.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from alp_agent.app.jsonl import read_records
 from alp_agent.app.repro import ReproGroup, RunSpec
 
 TOKEN_LIMIT = "turn_token_limit"  # rollout.config: a model turn used max_tokens_per_turn without stopping
@@ -58,15 +58,7 @@ def read_course(run_dir: Path) -> list[EvalPoint]:
         batch = f.stem.removeprefix("eval_batch")
         if not batch.isdigit():  # not a file the job wrote (eval_batchNNNN.jsonl)
             continue
-        records = []
-        for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
-        p = _point(int(batch), records)
+        p = _point(int(batch), read_records(f))
         if p is not None:
             points.append(p)
     return points

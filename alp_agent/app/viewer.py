@@ -15,6 +15,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from alp_agent.app.jsonl import read_records
 from alp_agent.app.ratio_tail import TailRow, metrics_tail, tail_table
 from alp_agent.train.episode_log import EpisodeLog, read_episodes
 
@@ -243,16 +244,7 @@ def render_html(run_name: str, episodes: Sequence[EpisodeLog], metrics_batches: 
 def _batch_records(run_dir: Path) -> list[dict]:
     """The `kind: batch` records of metrics.jsonl (none when the run has no metrics yet; bad lines skipped)."""
     path = run_dir / "metrics.jsonl"
-    out = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and rec.get("kind") == "batch":
-                out.append(rec)
-    return out
+    return [r for r in read_records(path) if r.get("kind") == "batch"] if path.is_file() else []
 
 
 def write_viewer(run_dir: Path) -> Path:
