@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from alp_agent.config import RunConfig
 from alp_agent.config_io import ConfigError, deep_merge, dump_config
+from alp_agent.train.signals import graceful_termination, sigint_ignored
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -241,7 +242,9 @@ def _lead(cfg: RunConfig, run_dir: Path, resume: bool, dist_on: bool, progress: 
                 load_checkpoint(trainer, ckpt)
                 trainer.sync_weights(comps.engine)  # the engine must sample with the resumed weights
                 ui.note(f"resumed from {ckpt} (batch {trainer.batch})")
-            summary.update(_loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir))
+            with contextlib.nullcontext(False) if dist_on else graceful_termination() as on_term:
+                _note_stop_signals(ui, on_term)
+                summary.update(_loop(cfg, comps, trainer, writer, ui, run_dir, ckpt_dir))
             if dist_on:
                 trainer.release_followers()
         finally:
@@ -261,6 +264,13 @@ def _init_distributed(cfg: RunConfig) -> bool:
             "ddp or fsdp2 (or run without torchrun)"
         )
     return D.init_distributed(cfg.trainer.dist)
+
+
+def _note_stop_signals(ui, on_term: bool) -> None:
+    """Say how to stop the run cleanly when Ctrl-C cannot (a background job started with SIGINT ignored)."""
+    if sigint_ignored():
+        how = f"kill -TERM {os.getpid()}" if on_term else "the launcher"
+        ui.note(f"Ctrl-C is ignored by this process (started in the background): stop it with {how}")
 
 
 def _follow(cfg: RunConfig) -> dict[str, Any]:

@@ -8,7 +8,6 @@ asynchronous rollout read in one place. The CLI's job (`alp_agent.app.job`) and 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from alp_agent.rollout.trajectory import Trajectory
+from alp_agent.train.signals import deferred_interrupt
 from alp_agent.train.trainer import Trainer
 
 if TYPE_CHECKING:
@@ -90,25 +90,6 @@ def task_cursor(num_tasks: int, per_batch: int, start: int = 0, seed: int = 0) -
             out.append(int(perm[pos]))
             cursor += 1
         yield cursor, out
-
-
-@contextlib.contextmanager
-def deferred_interrupt():
-    """Hold Ctrl-C until the block ends, so an update is never cut between optimizer steps (a checkpoint written
-    after it is then consistent); the interrupt is re-raised when the block exits."""
-    import signal
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending = []
-    old = signal.signal(signal.SIGINT, lambda *_: pending.append(1))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-    if pending:
-        raise KeyboardInterrupt
 
 
 def _no_op(*_args) -> None:
