@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ from pydantic import Field, model_validator
 from alp_agent.config_io import ConfigError, read_yaml_with_base, validate
 from alp_agent.schema import StrictModel
 from alp_agent.train.checkpoint import latest_checkpoint
+from alp_agent.train.signals import graceful_termination
 
 
 class ReproGroup(StrictModel):
@@ -229,18 +231,29 @@ def execute(
             log("  " + " ".join(cmd))
             status.append({"run": r.name, "state": "dry-run", "seconds": None})
             continue
-        rc, dt = _launch(cmd, run_dir, r, c)
+        rc, dt, stopped = _launch(cmd, run_dir, r, c, log)
         ok = rc == 0 and run_state(run_dir, c.run.iterations, final_eval) == "done"
+        stopped = stopped or _was_interrupted(run_dir)  # also when someone signalled the run itself
         log_file = run_dir / "log.txt"
-        log(f"  {r.name}: {'ok' if ok else f'FAILED (exit {rc}; see {log_file})'} in {dt / 60:.1f} min")
-        status.append({"run": r.name, "state": "done" if ok else f"failed (exit {rc})", "seconds": round(dt, 1)})
-        if rc in (-2, 130):  # Ctrl-C: the run checkpointed itself; stop the plan, a rerun resumes it
+        outcome = "stopped" if stopped else "ok" if ok else f"FAILED (exit {rc}; see {log_file})"
+        log(f"  {r.name}: {outcome} in {dt / 60:.1f} min")
+        state = "done" if ok else "stopped" if stopped else f"failed (exit {rc})"
+        status.append({"run": r.name, "state": state, "seconds": round(dt, 1)})
+        if stopped:  # the run checkpointed its last whole batch: stop the plan, rerunning the command resumes it
             raise KeyboardInterrupt
     return status
 
 
-def _launch(cmd: list[str], run_dir: Path, spec: RunSpec, cfg) -> tuple[int, float]:
-    """One `alp-agent train` process, its output appended to log.txt, its conditions to run_info.json."""
+def _was_interrupted(run_dir: Path) -> bool:
+    try:
+        return bool(json.loads((run_dir / "summary.json").read_text()).get("interrupted"))
+    except (OSError, ValueError):
+        return False
+
+
+def _launch(cmd: list[str], run_dir: Path, spec: RunSpec, cfg, log=print) -> tuple[int, float, bool]:
+    """One `alp-agent train` process, its output appended to log.txt, its conditions to run_info.json; (exit
+    status, seconds, whether the plan was asked to stop while it ran)."""
     from alp_agent.app.repro_runinfo import finish_attempt, start_attempt
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -249,12 +262,30 @@ def _launch(cmd: list[str], run_dir: Path, spec: RunSpec, cfg) -> tuple[int, flo
     )
     t0 = time.perf_counter()
     with open(run_dir / "log.txt", "a", encoding="utf-8") as f:
-        rc = subprocess.call(
-            cmd,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")},
-        )
+        rc, stopped = _supervise(cmd, f, log)
     dt = time.perf_counter() - t0
     finish_attempt(run_dir, info, dt, rc)
-    return rc, dt
+    return rc, dt, stopped
+
+
+def _supervise(cmd: list[str], out, log) -> tuple[int, bool]:
+    """Run one train process to its end; (exit status, whether this runner was asked to stop meanwhile).
+
+    The run gets its own process group, so a Ctrl-C at the terminal reaches only this runner, which passes it on
+    once as SIGTERM: the run finishes its batch and writes a checkpoint (SIGTERM is graceful in a single-process run
+    whatever its SIGINT state, train/signals.py). Killing the run at once, as subprocess.call does on Ctrl-C, lost
+    the batch in flight and the checkpoint. SIGTERM to this runner is handled the same; a second stop kills it."""
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, process_group=0)
+    stops = 0
+    with graceful_termination():
+        while True:
+            try:
+                return proc.wait(), stops > 0
+            except KeyboardInterrupt:
+                stops += 1
+                if stops == 1:
+                    log("  stopping: the run finishes its batch and writes a checkpoint (stop again to kill it)")
+                    proc.send_signal(signal.SIGTERM)
+                else:
+                    proc.kill()

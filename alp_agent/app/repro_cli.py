@@ -29,6 +29,9 @@ def run_repro(args: argparse.Namespace) -> int:
     if not args.report_only:
         try:
             execute(plan, cfg_path, out_dir, only=args.only, dry_run=args.dry_run)
+        except KeyboardInterrupt:
+            print("interrupted: finished runs are kept and the stopped run checkpointed; rerun the command to resume")
+            return 130
         finally:
             if not args.dry_run:
                 out_dir.mkdir(parents=True, exist_ok=True)

@@ -170,3 +170,73 @@ def test_mismatch_per_regime_on_tiny_model(tiny_model_dir, tmp_path):
         assert r["tokens"] > 0 and r["kl_k3"] >= 0 and r["ratio_max"] >= r["ratio_p99_9"] >= r["ratio_p99"] > 0
         assert (r["engine_dtype"], r["trainer_dtype"]) == ("bfloat16", "float32")  # pinned by default
     assert "| int8 | bfloat16 | int8 | float32 |" in md.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_ctrl_c_stops_the_plan_after_a_checkpoint_and_a_rerun_resumes(tiny_model_dir, tmp_path):
+    """Ctrl-C at the terminal (SIGINT to the runner's process group) used to kill the running train process at once
+    (subprocess.call), losing its batch and checkpoint, and a run stopped on its own let the plan go on to the next.
+    Now the run ends its batch, checkpoints, and the plan stops; the next invocation resumes that run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        f"config: {PLANS / 'base.yaml'}\nout_dir: {tmp_path / 'out'}\n"
+        "arms: {a: {trainer.algo.name: alp}, b: {trainer.algo.name: grpo}}\n"
+        "settings: {s: {trainer.update.updates_per_batch: 2}}\n"
+        "groups: [{name: main, arms: [a, b], settings: [s]}]\n"
+    )
+    small = [
+        f"engine.model={tiny_model_dir}",
+        "run.iterations=1000",
+        "run.prompts_per_batch=2",
+        "run.samples_per_prompt=2",
+        "eval.num_tasks=0",
+        "rollout.max_tokens_per_turn=16",
+        "engine.max_model_len=1024",
+        "trainer.algo.mask_void_turns=false",
+    ]
+    # a foreground job: its own process group, and Python's own Ctrl-C handler whatever this suite inherited
+    code = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv[0] = 'alp-agent'; runpy.run_module('alp_agent.app.cli', run_name='__main__')"
+    )
+    cmd = [sys.executable, "-c", code, "repro", "-c", str(plan), *small]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, process_group=0)
+    first = tmp_path / "out" / "runs" / "s_a_s0"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        m = first / "metrics.jsonl"
+        if m.is_file() and '"kind": "batch"' in m.read_text():
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read()
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"Ctrl-C did not stop the plan within 300 s; its output:\n{out[-3000:]}")
+    assert proc.returncode == 130, out
+    assert "stopping: the run finishes its batch" in out and "rerun the command to resume" in out
+    summary = json.loads((first / "summary.json").read_text())
+    assert summary["interrupted"] is True and 1 <= summary["batches"] < 1000
+    from alp_agent.train.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(first / "checkpoints").name == f"step_{summary['batches']:06d}"
+    assert not (tmp_path / "out" / "runs" / "s_b_s0").exists()  # the plan stopped
+    info = json.loads((first / "run_info.json").read_text())
+    assert info["attempts"][0]["exit"] == 0
+    plan_out = subprocess.run(
+        [sys.executable, "-m", "alp_agent.app.cli", "repro", "-c", str(plan), "--dry-run", *small],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "s_a_s0: resuming" in plan_out and "--resume" in plan_out

@@ -28,10 +28,9 @@ def _deliver(sig: signal.Signals) -> None:
 def test_ctrl_c_is_held_to_the_end_of_the_block(restore_handlers):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     reached = []
-    with pytest.raises(KeyboardInterrupt):
-        with deferred_interrupt():
-            _deliver(signal.SIGINT)
-            reached.append("after the signal")  # the block was not cut
+    with pytest.raises(KeyboardInterrupt), deferred_interrupt():
+        _deliver(signal.SIGINT)
+        reached.append("after the signal")  # the block was not cut
     assert reached == ["after the signal"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
@@ -60,9 +59,8 @@ def test_sigterm_is_graceful_only_inside_graceful_termination(restore_handlers):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with graceful_termination() as on:
         assert on is True
-        with pytest.raises(KeyboardInterrupt):
-            with deferred_interrupt():
-                _deliver(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt), deferred_interrupt():
+            _deliver(signal.SIGTERM)
         with pytest.raises(KeyboardInterrupt):
             _deliver(signal.SIGTERM)  # outside a deferred block: at once
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
