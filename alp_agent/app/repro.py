@@ -75,6 +75,12 @@ class ReproPlan(StrictModel):
         "they share, so a run has the same spike count in every report: the study's extensions use the central "
         "set's runs. A setting that plan lacks uses this plan's own runs.",
     )
+    kl_threshold_settings: dict[str, str] = Field(
+        default_factory=dict,
+        description="Setting of this plan -> the setting of kl_threshold_plan whose runs set its spike threshold. The "
+        "step-0 KL is measured before any update, so a setting that differs only in staleness has the same mismatch "
+        "regime: staleness 4 takes the central set's staleness-8 runs of its regime (more runs, one threshold).",
+    )
     reference_arm: str = Field("seq_bypass", description="Arm every other arm is compared with on the same seeds.")
     claim_arms: list[str] = Field(
         default_factory=lambda: ["seq_alp"], description="Arms whose paired difference gets a verdict per claim."
@@ -89,6 +95,13 @@ class ReproPlan(StrictModel):
             for s in g.settings:
                 if s not in self.settings:
                     raise ValueError(f"group {g.name!r}: unknown setting {s!r}; settings: {', '.join(self.settings)}")
+        for mine in self.kl_threshold_settings:
+            if mine not in self.settings:
+                raise ValueError(
+                    f"kl_threshold_settings: unknown setting {mine!r}; settings: {', '.join(self.settings)}"
+                )
+        if self.kl_threshold_settings and self.kl_threshold_plan is None:
+            raise ValueError("kl_threshold_settings names settings of kl_threshold_plan, which is not set")
         sources = {"overrides": self.overrides, **{f"setting {k!r}": v for k, v in self.settings.items()}}
         sources.update({f"arm {k!r}": v for k, v in self.arms.items()})
         for where, items in sources.items():
@@ -126,6 +139,13 @@ def load_plan(path: str | Path, extra: list[str] | None = None) -> tuple[ReproPl
     cfg = _beside(path, "config", plan.config)
     if plan.kl_threshold_plan is not None:
         plan.kl_threshold_plan = str(_beside(path, "kl_threshold_plan", plan.kl_threshold_plan))
+        theirs = validate(ReproPlan, read_yaml_with_base(Path(plan.kl_threshold_plan)), plan.kl_threshold_plan).settings
+        for mine, other in plan.kl_threshold_settings.items():
+            if other not in theirs:
+                raise ConfigError(
+                    f"{path}: kl_threshold_settings: {mine!r} -> {other!r}, which is not a setting of "
+                    f"{plan.kl_threshold_plan} ({', '.join(theirs)})"
+                )
     return plan, cfg
 
 

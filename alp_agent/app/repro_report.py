@@ -117,16 +117,28 @@ def _step0_kls(plan: ReproPlan, setting: str, runs_dir: Path) -> list[float]:
 
 def spike_thresholds(plan: ReproPlan, runs_dir: Path) -> dict[str, float]:
     """Per setting: the plan's fixed threshold, or kl_spike_factor x the median step-0 (mismatch-only) KL of the
-    setting's runs, so a quantized regime with a 10x larger mismatch is not all spikes. The runs are those of
-    `kl_threshold_plan` where the plan names one and it has runs in the setting, else the plan's own."""
-    source = load_plan(plan.kl_threshold_plan)[0] if plan.kl_threshold_plan else plan
+    setting's runs, so a quantized regime with a 10x larger mismatch is not all spikes."""
+    return {s: t for s, (t, _) in threshold_sources(plan, runs_dir).items()}
+
+
+def threshold_sources(plan: ReproPlan, runs_dir: Path) -> dict[str, tuple[float, str]]:
+    """Per setting: (spike threshold, where it comes from). The runs are those of `kl_threshold_plan` in the
+    setting `kl_threshold_settings` maps it to (default: the same name), where that plan has any; else the plan's
+    own runs in the setting; else the fixed kl_spike_threshold."""
+    source = load_plan(plan.kl_threshold_plan)[0] if plan.kl_threshold_plan else None
     out = {}
     for s in plan.settings:
+        fixed = (plan.kl_spike_threshold, "fixed")
         if plan.kl_spike_factor is None:
-            out[s] = plan.kl_spike_threshold
+            out[s] = fixed
             continue
-        k0 = _step0_kls(source, s, runs_dir) or _step0_kls(plan, s, runs_dir)
-        out[s] = plan.kl_spike_factor * statistics.median(k0) if k0 else plan.kl_spike_threshold
+        theirs = plan.kl_threshold_settings.get(s, s)
+        k0 = _step0_kls(source, theirs, runs_dir) if source is not None else []
+        where = f"{theirs} in {Path(str(plan.kl_threshold_plan)).name}"
+        if not k0:
+            k0, where = _step0_kls(plan, s, runs_dir), "this plan's"
+        factor = plan.kl_spike_factor
+        out[s] = (factor * statistics.median(k0), f"{factor:g} x median of {len(k0)} {where} runs") if k0 else fixed
     return out
 
 
@@ -224,7 +236,8 @@ def write_results(plan: ReproPlan, out_dir: Path, command: str | None = None, na
     one runs/ folder."""
 
     runs_dir = out_dir / "runs"
-    thresholds = spike_thresholds(plan, runs_dir)
+    sources = threshold_sources(plan, runs_dir)
+    thresholds = {s: t for s, (t, _) in sources.items()}
     per_run: dict[str, dict] = {}
     for r in plan_runs(plan):
         d = runs_dir / r.name
@@ -245,14 +258,8 @@ def write_results(plan: ReproPlan, out_dir: Path, command: str | None = None, na
     lines += [
         "KL = clean (noise-free) train-vs-engine KL(mu||pi) by k3 = mean(r - 1 - log r), r = pi/mu, on mu's samples, "
         "per optimizer step. A spike is a step whose KL exceeds the setting's threshold ("
-        + ", ".join(f"{s}: {t:.3g}" for s, t in thresholds.items())
-        + (
-            f" = {plan.kl_spike_factor:g} x the median step-0 mismatch KL of the setting's runs"
-            + (f" in {Path(plan.kl_threshold_plan).name}" if plan.kl_threshold_plan else "")
-            + ")."
-            if plan.kl_spike_factor is not None
-            else ")."
-        )
+        + "; ".join(f"{s}: {t:.3g} = {why}" for s, (t, why) in sources.items())
+        + "; a median is of the runs' step-0 (mismatch-only) KL)."
         + " Ratios are the trained policy (with ALP's noise where the arm has it) over the engine's mu, for every "
         "arm. Metric tables: mean [min, max] over finished seeds.",
         "",

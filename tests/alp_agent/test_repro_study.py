@@ -217,7 +217,20 @@ def test_extension_plan_takes_spike_thresholds_from_the_central_plan(tmp_path):
     plan, _ = load_plan(ext)
     # s8: 10 x the median of the central runs' 1e-3 and 3e-3, not of gspo's 1.0; s4 (not in central.yaml): its own
     assert spike_thresholds(plan, runs) == pytest.approx({"s8": 0.02, "s4": 0.2})
-    assert "in central.yaml)" in write_results(plan, tmp_path, name="ext").read_text()
+    text = write_results(plan, tmp_path, name="ext").read_text()
+    assert "s8: 0.02 = 10 x median of 2 s8 in central.yaml runs; s4: 0.2 = 10 x median of 1 this plan's runs" in text
+    # staleness does not change the step-0 mismatch: s4 may take the central plan's s8 runs
+    ext.write_text(ext.read_text() + "kl_threshold_settings: {s4: s8}\n")
+    plan, _ = load_plan(ext)
+    assert spike_thresholds(plan, runs) == pytest.approx({"s8": 0.02, "s4": 0.02})
+    assert (
+        "s4: 0.02 = 10 x median of 2 s8 in central.yaml runs" in write_results(plan, tmp_path, name="ext").read_text()
+    )
+    for bad, match in [("{s4: s2}", "not a setting of"), ("{s2: s8}", "unknown setting 's2'")]:
+        ext.write_text(ext.read_text().replace("kl_threshold_settings: {s4: s8}", f"kl_threshold_settings: {bad}"))
+        with pytest.raises(ConfigError, match=match):
+            load_plan(ext)
+        ext.write_text(ext.read_text().replace(f"kl_threshold_settings: {bad}", "kl_threshold_settings: {s4: s8}"))
     ext.write_text(ext.read_text().replace("kl_threshold_plan: central.yaml", "kl_threshold_plan: nowhere.yaml"))
     with pytest.raises(ConfigError, match="kl_threshold_plan"):
         load_plan(ext)
