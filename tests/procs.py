@@ -29,3 +29,30 @@ def descendants(pid: int = 0) -> set[int]:
                 out.add(c)
                 todo.append(c)
     return out
+
+
+# The CLI as a foreground job would run it: Python's own Ctrl-C handler, whatever this suite inherited (a suite
+# started in the background has SIGINT ignored, and children inherit that).
+_FOREGROUND_CLI = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'alp-agent'; runpy.run_module('alp_agent.app.cli', run_name='__main__')"
+)
+
+
+def foreground_cli(*args: str) -> list[str]:
+    """The command line of `alp-agent ARGS` with a foreground job's Ctrl-C handling."""
+    import sys
+
+    return [sys.executable, "-c", _FOREGROUND_CLI, *args]
+
+
+def wait_for_first_batch(proc, metrics: Path, timeout: float = 300) -> None:
+    """Wait until the run writing `metrics` (metrics.jsonl) has logged a whole batch; fail if `proc` ends first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and '"kind": "batch"' in metrics.read_text():
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read() if proc.stdout else proc.returncode

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from alp_agent.app.cli import main
+from tests.procs import foreground_cli, wait_for_first_batch
 
 REPO = Path(__file__).resolve().parents[2]
 # Local benchmark copies come through $ALP_DATA_DIR (scripts/test.sh sets it when ../shared/data exists).
@@ -186,14 +187,6 @@ def test_baseline_configs_extend_the_quickstart(tmp_path):
         load_config(RunConfig, loop)
 
 
-# The child starts with Python's own Ctrl-C handler whatever this suite inherited: a suite started in the
-# background (SIGINT ignored, passed on to children) must still test a foreground Ctrl-C.
-_FOREGROUND_CLI = (
-    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-    "sys.argv[0] = 'alp-agent'; runpy.run_module('alp_agent.app.cli', run_name='__main__')"
-)
-
-
 @pytest.mark.vllm
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_checkpoints_and_exits_cleanly(tiny_model_dir, tmp_path, sig):
@@ -203,14 +196,9 @@ def test_ctrl_c_checkpoints_and_exits_cleanly(tiny_model_dir, tmp_path, sig):
     import os
     import signal
     import subprocess
-    import sys
-    import time
 
     args = _small(tiny_model_dir, tmp_path, "interrupt")
-    cmd = [
-        sys.executable,
-        "-c",
-        _FOREGROUND_CLI,
+    cmd = foreground_cli(
         "train",
         "-c",
         str(REPO / "configs/quickstart.yaml"),
@@ -219,16 +207,10 @@ def test_ctrl_c_checkpoints_and_exits_cleanly(tiny_model_dir, tmp_path, sig):
         "run.iterations=1000",
         "run.checkpoint_every=0",
         "eval.num_tasks=0",
-    ]
+    )
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    metrics = tmp_path / "interrupt" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.is_file() and '"kind": "batch"' in metrics.read_text():
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None, proc.stdout.read()
+    wait_for_first_batch(proc, tmp_path / "interrupt" / "metrics.jsonl")
     proc.send_signal(getattr(signal, sig))
     try:
         out, _ = proc.communicate(timeout=300)

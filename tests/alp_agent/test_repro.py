@@ -13,6 +13,7 @@ from alp_agent.app.repro import execute, load_plan, plan_runs
 from alp_agent.app.repro_report import summarize_run, write_results
 from alp_agent.config_io import ConfigError
 from alp_agent.train.logging import MetricsWriter
+from tests.procs import foreground_cli, wait_for_first_batch
 
 REPO = Path(__file__).resolve().parents[2]
 PLANS = REPO / "configs" / "repro"
@@ -182,7 +183,6 @@ def test_ctrl_c_stops_the_plan_after_a_checkpoint_and_a_rerun_resumes(tiny_model
     import signal
     import subprocess
     import sys
-    import time
 
     plan = tmp_path / "plan.yaml"
     plan.write_text(
@@ -201,21 +201,11 @@ def test_ctrl_c_stops_the_plan_after_a_checkpoint_and_a_rerun_resumes(tiny_model
         "engine.max_model_len=1024",
         "trainer.algo.mask_void_turns=false",
     ]
-    # a foreground job: its own process group, and Python's own Ctrl-C handler whatever this suite inherited
-    code = (
-        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "sys.argv[0] = 'alp-agent'; runpy.run_module('alp_agent.app.cli', run_name='__main__')"
-    )
-    cmd = [sys.executable, "-c", code, "repro", "-c", str(plan), *small]
+    cmd = foreground_cli("repro", "-c", str(plan), *small)
+    # its own process group, as a foreground job has: the Ctrl-C below goes to that group, like the terminal's
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, process_group=0)
     first = tmp_path / "out" / "runs" / "s_a_s0"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        m = first / "metrics.jsonl"
-        if m.is_file() and '"kind": "batch"' in m.read_text():
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None, proc.stdout.read()
+    wait_for_first_batch(proc, first / "metrics.jsonl")
     os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
     try:
         out, _ = proc.communicate(timeout=300)
