@@ -253,7 +253,8 @@ def execute(
             continue
         rc, dt, stopped = _launch(cmd, run_dir, r, c, log)
         ok = rc == 0 and run_state(run_dir, c.run.iterations, final_eval) == "done"
-        stopped = stopped or _was_interrupted(run_dir)  # also when someone signalled the run itself
+        # also when someone signalled the run itself (it then exits 0 with a fresh summary that says so)
+        stopped = stopped or (rc == 0 and _was_interrupted(run_dir))
         log_file = run_dir / "log.txt"
         outcome = "stopped" if stopped else "ok" if ok else f"FAILED (exit {rc}; see {log_file})"
         log(f"  {r.name}: {outcome} in {dt / 60:.1f} min")
