@@ -56,3 +56,19 @@ def wait_for_first_batch(proc, metrics: Path, timeout: float = 300) -> None:
             break
         time.sleep(0.5)
     assert proc.poll() is None, proc.stdout.read() if proc.stdout else proc.returncode
+
+
+def output_after_stop(proc, what: str, timeout: float = 300) -> str:
+    """The output of `proc` once a stop signal (`what`, for the message) has ended it. If it has not ended within
+    `timeout` the signal was lost: kill it, rather than leave it to take the cores from the rest of the suite, and
+    fail with its output."""
+    import subprocess
+
+    import pytest
+
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out = proc.communicate()[0]
+        pytest.fail(f"{what} did not stop it within {timeout:g} s; its output:\n{out[-3000:]}")

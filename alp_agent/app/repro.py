@@ -139,7 +139,7 @@ def load_plan(path: str | Path, extra: list[str] | None = None) -> tuple[ReproPl
     cfg = _beside(path, "config", plan.config)
     if plan.kl_threshold_plan is not None:
         plan.kl_threshold_plan = str(_beside(path, "kl_threshold_plan", plan.kl_threshold_plan))
-        theirs = validate(ReproPlan, read_yaml_with_base(Path(plan.kl_threshold_plan)), plan.kl_threshold_plan).settings
+        theirs = load_plan(plan.kl_threshold_plan)[0].settings
         for mine, other in plan.kl_threshold_settings.items():
             if other not in theirs:
                 raise ConfigError(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from alp_agent.app.cli import main
-from tests.procs import foreground_cli, wait_for_first_batch
+from tests.procs import foreground_cli, output_after_stop, wait_for_first_batch
 
 REPO = Path(__file__).resolve().parents[2]
 # Local benchmark copies come through $ALP_DATA_DIR (scripts/test.sh sets it when ../shared/data exists).
@@ -212,12 +212,7 @@ def test_ctrl_c_checkpoints_and_exits_cleanly(tiny_model_dir, tmp_path, sig):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     wait_for_first_batch(proc, tmp_path / "interrupt" / "metrics.jsonl")
     proc.send_signal(getattr(signal, sig))
-    try:
-        out, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:  # the interrupt was lost: stop the run instead of leaving it to eat the cores
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"{sig} did not stop the run within 300 s; its output:\n{out[-3000:]}")
+    out = output_after_stop(proc, sig)
     assert proc.returncode == 0, out
     assert "interrupted: checkpoint written" in out
     summary = json.loads((tmp_path / "interrupt" / "summary.json").read_text())

@@ -13,7 +13,7 @@ from alp_agent.app.repro import execute, load_plan, plan_runs
 from alp_agent.app.repro_report import summarize_run, write_results
 from alp_agent.config_io import ConfigError
 from alp_agent.train.logging import MetricsWriter
-from tests.procs import foreground_cli, wait_for_first_batch
+from tests.procs import foreground_cli, output_after_stop, wait_for_first_batch
 
 REPO = Path(__file__).resolve().parents[2]
 PLANS = REPO / "configs" / "repro"
@@ -207,12 +207,7 @@ def test_ctrl_c_stops_the_plan_after_a_checkpoint_and_a_rerun_resumes(tiny_model
     first = tmp_path / "out" / "runs" / "s_a_s0"
     wait_for_first_batch(proc, first / "metrics.jsonl")
     os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
-    try:
-        out, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"Ctrl-C did not stop the plan within 300 s; its output:\n{out[-3000:]}")
+    out = output_after_stop(proc, "Ctrl-C to the plan")
     assert proc.returncode == 130, out
     assert "stopping: the run finishes its batch" in out and "rerun the command to resume" in out
     summary = json.loads((first / "summary.json").read_text())
