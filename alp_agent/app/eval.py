@@ -29,6 +29,19 @@ def is_correct(t: Trajectory) -> bool:
     return t.reward >= 1.0
 
 
+SAMPLE_KEYS = ("correct", "turns", "tool_calls", "tool_errors", "void_turns", "no_answer", "response_tokens")
+"""The per-sample lists of a problem record that `aggregate` reads."""
+
+
+def is_complete_record(r: dict, k: int) -> bool:
+    """Whether `r` is a whole record of `k` samples as `problem_records` writes it: an int task index and `k` entries
+    under every key `aggregate` reads. A resumed eval recomputes any other problem (a line from an older version, an
+    eval with another k, a hand-edited file), so its table never mixes sample counts or fails on a missing key."""
+    if not isinstance(r.get("task_index"), int) or isinstance(r.get("task_index"), bool):
+        return False
+    return all(isinstance(r.get(key), list) and len(r[key]) == k for key in SAMPLE_KEYS)
+
+
 def problem_records(trajs: list[Trajectory], task_ids: list[str] | None = None) -> list[dict]:
     """One record per problem (group): its samples' correctness, turns, tool use and failure modes."""
     groups: dict[int, list[Trajectory]] = defaultdict(list)

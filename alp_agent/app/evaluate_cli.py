@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from alp_agent.app.jsonl import read_records
 from alp_agent.config import RunConfig
 from alp_agent.config_io import ConfigError, deep_merge, load_run_config
 
@@ -133,17 +134,15 @@ def _tag(bench: str, args: argparse.Namespace, temperature: float) -> str:
     return f"{name}{'-notool' if args.no_tool else ''}-k{args.k}-t{temperature:g}"
 
 
-def _read_done(path: Path) -> dict[int, dict]:
-    """Finished problems of an earlier (interrupted) eval: they are not recomputed."""
-    done: dict[int, dict] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-                done[r["task_index"]] = r
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return done
+def _read_done(path: Path, k: int) -> dict[int, dict]:
+    """Finished problems of an earlier (interrupted) eval of `k` samples each: they are not recomputed. A line cut by
+    the interruption, bytes that are not UTF-8 and records that are not whole records of `k` samples are left out,
+    so those problems run again instead of breaking the table."""
+    from alp_agent.app.eval import is_complete_record
+
+    if not path.is_file():
+        return {}
+    return {r["task_index"]: r for r in read_records(path) if is_complete_record(r, k)}
 
 
 def eval_benchmark(cfg: RunConfig, tag: str, path: Path, k: int, limit: int | None) -> dict[str, float]:
@@ -153,7 +152,7 @@ def eval_benchmark(cfg: RunConfig, tag: str, path: Path, k: int, limit: int | No
     from alp_agent.app.eval import aggregate, problem_records
     from alp_agent.app.job import build_inference
 
-    done = _read_done(path)
+    done = _read_done(path, k)
     comps = build_inference(cfg)
     try:
         n = min(limit or comps.num_eval_tasks, comps.num_eval_tasks)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from alp_agent.app.cli import main
-from alp_agent.app.evaluate_cli import format_table
+from alp_agent.app.evaluate_cli import _read_done, format_table
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,3 +88,36 @@ def test_eval_of_a_run_dir_matches_the_training_loops_heldout_eval(tiny_model_di
     (row,) = json.loads((out / "summary.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
     assert row["accuracy"] == pytest.approx(summary["accuracy_after"])
+
+
+def _record(task_index: int, k: int) -> dict:
+    return {
+        "task_index": task_index,
+        "correct": [True] * k,
+        "turns": [1] * k,
+        "tool_calls": [0] * k,
+        "tool_errors": [0] * k,
+        "void_turns": [0] * k,
+        "no_answer": [False] * k,
+        "finish": ["answer"] * k,
+        "response_tokens": [5] * k,
+    }
+
+
+def test_a_resumed_eval_keeps_whole_records_and_reruns_damaged_ones(tmp_path):
+    """An interrupted or damaged eval file: only whole records of the same k count as done; the rest run again."""
+    missing = _record(2, 2)
+    del missing["correct"]
+    lines = [
+        json.dumps(_record(0, 2)).encode(),
+        json.dumps(_record(1, 3)).encode(),  # another k
+        json.dumps(missing).encode(),  # an older or hand-edited record
+        json.dumps({**_record(3, 2), "task_index": "3"}).encode(),
+        b"\xff\xfe not utf-8",
+        json.dumps(_record(4, 2)).encode(),
+        json.dumps(_record(5, 2)).encode()[:40],  # cut by the interruption
+    ]
+    path = tmp_path / "heldout-k2-t0.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    assert sorted(_read_done(path, 2)) == [0, 4]
+    assert _read_done(tmp_path / "none.jsonl", 2) == {}
