@@ -45,6 +45,23 @@ class ReproGroup(StrictModel):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="run.seed and noise seed values.")
 
 
+class Comparison(StrictModel):
+    """An exploratory paired difference: `arm` in `setting` minus `minus_arm` in `minus_setting`, over the seeds both
+    finished. The report gives it an interval but no verdict, and nothing corrects it for multiplicity: it is a
+    question the data raised (e.g. staleness 4 against 8 for the same arm), not a claim the plan set out to test."""
+
+    arm: str = Field(..., description="Arm of the first term.")
+    setting: str = Field(..., description="Setting of the first term.")
+    minus_arm: str | None = Field(None, description="Arm subtracted (default: `arm`).")
+    minus_setting: str | None = Field(None, description="Setting subtracted (default: `setting`).")
+    seeds: list[int] = Field(default_factory=lambda: list(range(5)), description="Seeds to pair where both finished.")
+
+    @property
+    def terms(self) -> tuple[tuple[str, str], tuple[str, str]]:
+        """((arm, setting), (arm, setting)) of the two sides."""
+        return (self.arm, self.setting), (self.minus_arm or self.arm, self.minus_setting or self.setting)
+
+
 class ReproPlan(StrictModel):
     """What `alp-agent repro` runs. Overrides are `{dotted.key: value}` maps applied over `config`."""
 
@@ -85,6 +102,11 @@ class ReproPlan(StrictModel):
     claim_arms: list[str] = Field(
         default_factory=lambda: ["seq_alp"], description="Arms whose paired difference gets a verdict per claim."
     )
+    exploratory: list[Comparison] = Field(
+        default_factory=list,
+        description="Further paired differences the report computes from finished runs, with intervals and no verdict "
+        "(runs of any plan sharing the runs folder; they are not run by this plan).",
+    )
 
     @model_validator(mode="after")
     def _known_names(self) -> ReproPlan:
@@ -95,6 +117,14 @@ class ReproPlan(StrictModel):
             for s in g.settings:
                 if s not in self.settings:
                     raise ValueError(f"group {g.name!r}: unknown setting {s!r}; settings: {', '.join(self.settings)}")
+        for c in self.exploratory:
+            if c.terms[0] == c.terms[1]:
+                raise ValueError(
+                    f"exploratory: {c.arm!r} in {c.setting!r} minus itself; set minus_arm or minus_setting"
+                )
+            for arm, setting in c.terms:
+                if arm not in self.arms or setting not in self.settings:
+                    raise ValueError(f"exploratory: {arm!r} in {setting!r} is not an arm in a setting of this plan")
         for mine in self.kl_threshold_settings:
             if mine not in self.settings:
                 raise ValueError(

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from alp_agent.app.repro import ReproGroup, ReproPlan, RunSpec, load_plan, plan_runs
 from alp_agent.app.repro_course import course_table
+from alp_agent.app.repro_explore import exploratory_section
 from alp_agent.app.repro_stats import CLAIMS, finite_values, mean_ci, paired_difference, verdict
 
 KL_KEY = "kl_train_infer/clean/k3"
@@ -271,10 +273,30 @@ def write_results(plan: ReproPlan, out_dir: Path, command: str | None = None, na
     for g in plan.groups:
         for s in g.settings:
             lines += _group_section(plan, g, s, per_run, runs_dir, plots, thresholds)
+    lines += exploratory_section(plan.exploratory, _finished_summaries(per_run, runs_dir, thresholds))
     lines += _runs_appendix(per_run)
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out_dir / f"{name}.json").write_text(json.dumps(per_run, indent=1), encoding="utf-8")
     return out_dir / f"{name}.md"
+
+
+def _finished_summaries(
+    per_run: dict[str, dict], runs_dir: Path, thresholds: dict[str, float]
+) -> Callable[[RunSpec], dict | None]:
+    """A finished run's numbers by its spec: the plan's own from `per_run`, any other run in the shared runs folder
+    (an exploratory comparison's other side) summarized once on first use with its setting's threshold."""
+    cache: dict[str, dict | None] = {}
+
+    def summary(r: RunSpec) -> dict | None:
+        if r.name in per_run:
+            return per_run[r.name] if per_run[r.name]["done"] else None
+        if r.name not in cache:
+            d = runs_dir / r.name
+            done = (d / "summary.json").is_file() and (d / "metrics.jsonl").is_file()
+            cache[r.name] = summarize_run(d, thresholds[r.setting]) if done else None
+        return cache[r.name]
+
+    return summary
 
 
 def _group_section(plan, g, s, per_run, runs_dir: Path, plots: Path, thresholds: dict[str, float]) -> list[str]:

@@ -236,6 +236,47 @@ def test_extension_plan_takes_spike_thresholds_from_the_central_plan(tmp_path):
         load_plan(ext)
 
 
+def test_exploratory_comparisons_pair_finished_runs_across_settings(tmp_path):
+    """Staleness 4 minus 8 for the same arm: paired over seeds where both runs finished, interval and no verdict."""
+    (tmp_path / "central.yaml").write_text(
+        f"config: {PLANS / 'base.yaml'}\nout_dir: {tmp_path}\nkl_spike_factor: 10\n"
+        "arms: {seq_alp: {trainer.algo.name: alp}, seq_bypass: {trainer.algo.name: bypass}}\n"
+        "settings: {s8: {}}\ngroups: [{name: g, arms: [seq_alp, seq_bypass], settings: [s8], seeds: [0, 1, 2]}]\n"
+    )
+    ext = tmp_path / "ext.yaml"
+    ext.write_text(
+        "base: central.yaml\nkl_threshold_plan: central.yaml\nsettings: {s4: {}}\n"
+        "groups: [{name: e, arms: [seq_alp], settings: [s4], seeds: [0, 1, 2]}]\n"
+        "exploratory: [{arm: seq_alp, setting: s4, minus_setting: s8}, {arm: seq_bypass, setting: s4, minus_setting: s8}]\n"
+    )
+    runs = tmp_path / "runs"
+    for seed, (acc8, acc4) in enumerate([(0.5, 0.7), (0.6, 0.9), (0.7, 0.1)]):
+        _fake(runs / f"s8_seq_alp_s{seed}", 1e-3, 5e-3, [1.0, 1.0], [0.2, acc8])
+        _fake(runs / f"s4_seq_alp_s{seed}", 1e-3, 5e-3, [1.0, 1.0], [0.2, acc4])
+    (runs / "s4_seq_alp_s2" / "summary.json").unlink()  # still running: not a pair
+    plan, _ = load_plan(ext)
+    text = write_results(plan, tmp_path, name="ext").read_text()
+    rows = {line.split(" | ")[0]: line for line in text.split("## Exploratory comparisons")[1].splitlines()}
+    # differences 0.2 and 0.3: mean 0.25, se 0.05, t_{0.975,1} = 12.706 -> 0.25 +- 0.635
+    assert "| 2 | " in rows["| seq_alp / s4 - seq_alp / s8"]
+    assert "| 0.250 [-0.385, 0.885] |" in rows["| seq_alp / s4 - seq_alp / s8"]
+    assert "supported" not in text.split("## Exploratory comparisons")[1]
+    assert rows["| seq_bypass / s4 - seq_bypass / s8"].startswith("| seq_bypass / s4 - seq_bypass / s8 | 0 | - |")
+    for bad, match in [("s2", "'seq_alp' in 's2' is not an arm in a setting"), ("s4", "minus itself")]:
+        ext.write_text(
+            ext.read_text().replace(
+                "seq_alp, setting: s4, minus_setting: s8", f"seq_alp, setting: s4, minus_setting: {bad}"
+            )
+        )
+        with pytest.raises(ConfigError, match=match):
+            load_plan(ext)
+        ext.write_text(
+            ext.read_text().replace(
+                f"seq_alp, setting: s4, minus_setting: {bad}", "seq_alp, setting: s4, minus_setting: s8"
+            )
+        )
+
+
 # ------------------------------------------------------------------------------------------------ run_info
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
