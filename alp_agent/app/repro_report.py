@@ -8,16 +8,16 @@ never as a result. The KL is the clean (noise-free) train-vs-engine KL(mu||pi) b
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from alp_agent.app.repro import ReproGroup, ReproPlan, RunSpec, load_plan, plan_runs
+from alp_agent.app.repro import ReproPlan, RunSpec, load_plan, plan_runs
+from alp_agent.app.repro_claims import claims_tables, holm_adjusted, multiplicity_line
 from alp_agent.app.repro_course import course_table
 from alp_agent.app.repro_explore import exploratory_section
-from alp_agent.app.repro_stats import CLAIMS, finite_values, mean_ci, paired_difference, verdict
+from alp_agent.app.repro_stats import finite_values
 
 KL_KEY = "kl_train_infer/clean/k3"
 
@@ -173,57 +173,6 @@ def _cell(vals: list[float | None], fmt: str) -> str:
     return f"{fmt.format(mean)} [{fmt.format(min(v))}, {fmt.format(max(v))}]"
 
 
-def _ci(fmt: str, mean: float, lo: float, hi: float) -> str:
-    if math.isnan(mean):
-        return "-"
-    if math.isnan(lo):
-        return fmt.format(mean)
-    return f"{fmt.format(mean)} [{fmt.format(lo)}, {fmt.format(hi)}]"
-
-
-def claims_tables(plan: ReproPlan, g: ReproGroup, setting: str, per_run: dict[str, dict]) -> list[str]:
-    """Markdown: per arm mean [95 % t interval] of each claim's metric, then each arm minus the reference arm on the
-    same seeds with its interval, and the verdict for the plan's claim arms."""
-    done = {
-        a: {s: per_run[n] for s in g.seeds if (n := RunSpec(a, setting, s).name) in per_run and per_run[n]["done"]}
-        for a in g.arms
-    }
-    lines = ["Per arm: mean [95 % t interval over seeds].", ""]
-    lines.append("| arm | seeds | " + " | ".join(c.name for c in CLAIMS) + " |")
-    lines.append("|---|---|" + "---:|" * len(CLAIMS))
-    for a in g.arms:
-        cells = []
-        for c in CLAIMS:
-            iv = mean_ci([r.get(c.key) for r in done[a].values()])
-            cells.append(_ci(c.fmt, iv.mean, iv.lo, iv.hi))
-        lines.append(f"| {a} | {len(done[a])} | " + " | ".join(cells) + " |")
-    ref = plan.reference_arm
-    if ref not in g.arms:
-        return lines + [""]
-    lines += [
-        "",
-        f"Paired difference arm - {ref} (same seeds): mean [95 % t interval]; verdict for {', '.join(plan.claim_arms)}"
-        " (supported / refuted: the interval excludes 0 in / against the paper's direction; undecided: MDE = the "
-        "smallest difference this design detects with 80 % power at the 5 % level).",
-        "",
-        "| arm | claim | paper's direction | pairs | difference | verdict | MDE |",
-        "|---|---|---|---:|---|---|---:|",
-    ]
-    for a in g.arms:
-        if a == ref:
-            continue
-        for c in CLAIMS:
-            d = paired_difference(
-                {s: r.get(c.key) for s, r in done[a].items()}, {s: r.get(c.key) for s, r in done[ref].items()}
-            )
-            v = verdict(d, c.direction)
-            label = v.label if a in plan.claim_arms else "-"
-            mde = "-" if math.isnan(v.mde) else c.fmt.format(v.mde)
-            arrow = "higher" if c.direction > 0 else "lower"
-            lines.append(f"| {a} | {c.name} | {arrow} | {d.n} | {_ci(c.fmt, d.mean, d.lo, d.hi)} | {label} | {mde} |")
-    return lines + [""]
-
-
 def _run_info(run_dir: Path) -> dict[str, Any]:
     p = run_dir / "run_info.json"
     try:
@@ -232,14 +181,8 @@ def _run_info(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def write_results(plan: ReproPlan, out_dir: Path, command: str | None = None, name: str = "table") -> Path:
-    """<name>.md (per group and setting: the metric table, the claims with intervals and verdicts, the figures),
-    <name>.json (every run's numbers) and plots/*.png. `name` is the plan file's stem, so several plans can share
-    one runs/ folder."""
-
-    runs_dir = out_dir / "runs"
-    sources = threshold_sources(plan, runs_dir)
-    thresholds = {s: t for s, (t, _) in sources.items()}
+def _per_run(plan: ReproPlan, runs_dir: Path, thresholds: dict[str, float]) -> dict[str, dict]:
+    """Every run of the plan that has logged metrics: its spec, whether it finished, its cost and its numbers."""
     per_run: dict[str, dict] = {}
     for r in plan_runs(plan):
         d = runs_dir / r.name
@@ -254,6 +197,19 @@ def write_results(plan: ReproPlan, out_dir: Path, command: str | None = None, na
                 "cpu": info.get("cpu", {}).get("model"),
                 **summarize_run(d, thresholds[r.setting]),
             }
+    return per_run
+
+
+def write_results(plan: ReproPlan, out_dir: Path, command: str | None = None, name: str = "table") -> Path:
+    """<name>.md (per group and setting: the metric table, the claims with intervals and verdicts, the figures),
+    <name>.json (every run's numbers) and plots/*.png. `name` is the plan file's stem, so several plans can share
+    one runs/ folder."""
+
+    runs_dir = out_dir / "runs"
+    sources = threshold_sources(plan, runs_dir)
+    thresholds = {s: t for s, (t, _) in sources.items()}
+    per_run = _per_run(plan, runs_dir, thresholds)
+    adjusted = holm_adjusted(plan, per_run)
     lines = ["# Small-scale reproduction: results", ""]
     if command:
         lines += ["Command:", "", f"    {command}", ""]
@@ -265,6 +221,7 @@ def write_results(plan: ReproPlan, out_dir: Path, command: str | None = None, na
         + " Ratios are the trained policy (with ALP's noise where the arm has it) over the engine's mu, for every "
         "arm. Metric tables: mean [min, max] over finished seeds.",
         "",
+        *multiplicity_line(adjusted),
     ]
     if (out_dir / "mismatch.md").is_file():
         lines += [(out_dir / "mismatch.md").read_text(encoding="utf-8"), ""]
@@ -272,7 +229,7 @@ def write_results(plan: ReproPlan, out_dir: Path, command: str | None = None, na
     plots.mkdir(parents=True, exist_ok=True)
     for g in plan.groups:
         for s in g.settings:
-            lines += _group_section(plan, g, s, per_run, runs_dir, plots, thresholds)
+            lines += _group_section(plan, g, s, per_run, runs_dir, plots, thresholds, adjusted)
     lines += exploratory_section(plan.exploratory, _finished_summaries(per_run, runs_dir, thresholds))
     lines += _runs_appendix(per_run)
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -299,7 +256,9 @@ def _finished_summaries(
     return summary
 
 
-def _group_section(plan, g, s, per_run, runs_dir: Path, plots: Path, thresholds: dict[str, float]) -> list[str]:
+def _group_section(
+    plan, g, s, per_run, runs_dir: Path, plots: Path, thresholds: dict[str, float], adjusted: dict
+) -> list[str]:
     from alp_agent.app.repro_plots import plot_claims, plot_group
 
     lines = [f"## {g.name}, {s} ({_describe(plan.settings[s])})", ""]
@@ -320,7 +279,7 @@ def _group_section(plan, g, s, per_run, runs_dir: Path, plots: Path, thresholds:
     lines += course_table(g, s, runs_dir)
     if len(g.seeds) < 2:  # one seed (--quick): the mechanism only, no intervals
         return lines
-    lines += claims_tables(plan, g, s, per_run)
+    lines += claims_tables(plan, g, s, per_run, adjusted)
     png = plot_claims(g, s, per_run, plots / f"{g.name}_{s}_claims.png")
     if png is not None:
         lines += [f"![{g.name} {s} claims](plots/{png.name})", ""]

@@ -109,6 +109,27 @@ def min_detectable_effect(diff: Interval, power: float = 0.8) -> float:
     return (t_quantile(0.975, diff.n - 1) + t_quantile(power, diff.n - 1)) * diff.se
 
 
+def paired_t_p(diff: Interval) -> float:
+    """Two-sided p of the paired t test of `diff` against 0: 2 (1 - F_{n-1}(|mean / se|)); nan with fewer than 2
+    pairs or no spread (the interval's own undefined cases)."""
+    if diff.n < 2 or not diff.se > 0:
+        return math.nan
+    return 2 * (1 - t_cdf(abs(diff.mean) / diff.se, diff.n - 1))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p values (family-wise error), in the input's order; nan stays nan and does not
+    count in the family. Why Holm: a report gives one verdict per claim, arm, setting and group, so a single 5 %
+    interval that excludes 0 among a dozen is about what chance alone produces; Holm controls that without
+    Bonferroni's loss of power and without assumptions on how the claims depend on each other."""
+    finite = sorted((p, i) for i, p in enumerate(p_values) if math.isfinite(p))
+    m, out, running = len(finite), [math.nan] * len(p_values), 0.0
+    for rank, (p, i) in enumerate(finite):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
 @dataclass(frozen=True)
 class Verdict:
     label: str  # supported / refuted / undecided / no data

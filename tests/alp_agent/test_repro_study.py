@@ -15,9 +15,11 @@ from alp_agent.app.repro import execute, load_plan, plan_runs, run_overrides
 from alp_agent.app.repro_report import spike_thresholds, write_results
 from alp_agent.app.repro_runinfo import cpu_info, finish_attempt, start_attempt
 from alp_agent.app.repro_stats import (
+    holm,
     mean_ci,
     min_detectable_effect,
     paired_difference,
+    paired_t_p,
     t_cdf,
     t_quantile,
     verdict,
@@ -77,6 +79,17 @@ def test_paired_difference_and_verdicts_hand_computed():
     same = verdict(paired_difference({0: 0.0, 1: 0.0}, {0: 0.0, 1: 0.0}), -1)  # no run collapsed on either side
     assert same.label == "undecided (no spread: all pairs equal)" and math.isnan(same.mde)
     assert verdict(paired_difference({}, {}), +1).label == "no data"
+
+
+def test_paired_t_p_and_holm_hand_computed():
+    d = paired_difference({0: 0.5, 1: 0.6, 2: 0.7}, {0: 0.3, 1: 0.35, 2: 0.45})  # t = 0.2333 / 0.016667 = 14
+    # df 2 has a closed form: F(t) = 1/2 + t / (2 sqrt(t^2 + 2)), so p = 1 - 14 / sqrt(198)
+    assert paired_t_p(d) == pytest.approx(1 - 14 / math.sqrt(198), rel=1e-9)
+    assert math.isnan(paired_t_p(paired_difference({0: 1.0}, {0: 0.0})))
+    assert math.isnan(paired_t_p(paired_difference({0: 1.0, 1: 1.0}, {0: 0.0, 1: 0.0})))  # no spread
+    # sorted 0.01, 0.03, 0.04, 0.5 -> x4, x3, x2, x1 = 0.04, 0.09, 0.08, 0.5 -> running max 0.04, 0.09, 0.09, 0.5
+    assert holm([0.04, 0.5, 0.01, math.nan, 0.03]) == pytest.approx([0.09, 0.5, 0.04, math.nan, 0.09], nan_ok=True)
+    assert holm([0.6, 0.7]) == [1.0, 1.0] and holm([]) == []
 
 
 # ------------------------------------------------------------------------------------------------ plans
@@ -189,6 +202,14 @@ def test_claims_table_and_verdicts_from_runs(tmp_path):
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| seq_alp | ")}
     acc = rows["final held-out accuracy"]  # differences 0.2, 0.25, 0.25 (hand-computed above)
     assert "0.233 [0.162, 0.305]" in acc and "| supported |" in acc
+    # p = 1 - 14 / sqrt(198) (t = 14, df 2). Holm over the 5 verdicts with a p (the spike pairs have no spread; the
+    # KL peak pairs differ by rounding only, p ~ 0): sorted KL ~0, final 0.0051 x4 = 0.020, width 0.0131 x3 = 0.039,
+    # best 0.0533 x2 = 0.107, collapse 0.1835
+    assert acc.endswith("| 0.005 | 0.020 |")
+    assert rows["P2-P98 width of the noisy sequence ratio vs mu (mean over batches)"].endswith("| 0.013 | 0.039 |")
+    assert rows["best held-out accuracy"].endswith("| 0.053 | 0.107 |")
+    assert "this report gives 5 verdicts with a p value" in text
+    assert "3 of them have an interval that excludes 0 (p < 0.05); 3 stay below 0.05 after Holm's" in text
     # 0 - 1 on every seed: sd 0, a degenerate t interval [-1, -1]; three equal pairs are no test (a two-sided sign
     # test on 3 pairs gives p = 0.25), so no verdict either way
     assert "-1.00 [-1.00, -1.00] | undecided (no spread: all pairs equal) | - |" in rows["KL(μ‖π) spike count"]
