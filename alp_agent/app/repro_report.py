@@ -1,5 +1,6 @@
 """`alp-agent repro` results: per-run summaries from metrics.jsonl, the per-group tables, the claims with their
-t intervals, paired differences against the reference arm and verdicts (repro_stats), and the figures (repro_plots).
+t intervals, paired differences, verdicts and p values (repro_claims), the exploratory comparisons (repro_explore)
+and the figures (repro_plots).
 
 A run counts once `train` wrote summary.json (after its final eval); a running or crashed run is shown as incomplete,
 never as a result. The KL is the clean (noise-free) train-vs-engine KL(mu||pi) by k3 on mu's samples.
