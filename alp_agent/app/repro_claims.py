@@ -90,12 +90,13 @@ def claims_tables(
         return lines + [""]
     adjusted = adjusted if adjusted is not None else holm_adjusted(plan, per_run)
     holm_p = {k: h for k, (_, h) in adjusted.items()}
+    family = sum(not math.isnan(p) for p, _ in adjusted.values())
     lines += [
         "",
         f"Paired difference arm - {ref} (same seeds): mean [95 % t interval]; verdict for {', '.join(plan.claim_arms)}"
         " (supported / refuted: the interval excludes 0 in / against the paper's direction; undecided: MDE = the "
         "smallest difference this design detects with 80 % power at the 5 % level). p: two-sided paired t test; "
-        f"Holm p: adjusted over all {len(adjusted)} verdicts of this report, so a verdict whose Holm p is above "
+        f"Holm p: adjusted over the {family} verdicts of this report that have a p, so a verdict whose Holm p is above "
         "0.05 may be one of the intervals that exclude 0 by chance among that many.",
         "",
         "| arm | claim | paper's direction | pairs | difference | verdict | MDE | p | Holm p |",
