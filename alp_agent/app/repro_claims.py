@@ -59,8 +59,9 @@ def multiplicity_line(adjusted: dict[tuple[str, str, str, str], tuple[float, flo
     raw, kept = sum(p < 0.05 for p, _ in ps), sum(h < 0.05 for _, h in ps)
     return [
         f"Multiplicity: this report gives {len(ps)} verdicts with a p value (claim arm x claim x group x setting; "
-        f"groups that share seeds count twice, which makes the correction conservative). {raw} of them have an "
-        f"interval that excludes 0 (p < 0.05); {kept} stay below 0.05 after Holm's correction over all {len(ps)}.",
+        f"groups that share seeds count twice, which makes the correction conservative). {raw} of them "
+        f"{'has' if raw == 1 else 'have'} an interval that excludes 0 (p < 0.05); {kept} "
+        f"{'stays' if kept == 1 else 'stay'} below 0.05 after Holm's correction over all {len(ps)}.",
         "",
     ]
 
