@@ -12,6 +12,7 @@ import pytest
 
 from alp_agent.app.cli import main
 from alp_agent.app.repro import execute, load_plan, plan_runs, run_overrides
+from alp_agent.app.repro_claims import multiplicity_line
 from alp_agent.app.repro_report import spike_thresholds, write_results
 from alp_agent.app.repro_runinfo import cpu_info, finish_attempt, start_attempt
 from alp_agent.app.repro_stats import (
@@ -346,3 +347,15 @@ def test_batch_one_is_found_by_log_order_with_uneven_batches(tmp_path):
     s = summarize_run(tmp_path, kl_threshold=1.0)
     assert s["kl_batch1_end"] == 5e-3 and s["kl_batch1_growth"] == pytest.approx(5.0)  # not the 4th step's 1e-2
     assert s["entropy_end"] == 1.0
+
+
+def test_multiplicity_line_agrees_in_number() -> None:
+    """One verdict below 0.05 reads 'has' / 'stays'; several read 'have' / 'stay'; NaN p values are not counted."""
+    one = multiplicity_line({("a", "c", "g", "s"): (0.01, 0.02), ("b", "c", "g", "s"): (0.5, 1.0)})[0]
+    assert "gives 2 verdicts" in one
+    assert "1 of them has an interval that excludes 0 (p < 0.05); 1 stays below 0.05" in one
+    two = multiplicity_line(
+        {("a", "c", "g", "s"): (0.01, 0.02), ("b", "c", "g", "s"): (0.02, 0.04), ("n", "c", "g", "s"): (math.nan, 1.0)}
+    )[0]
+    assert "gives 2 verdicts" in two
+    assert "2 of them have an interval that excludes 0 (p < 0.05); 2 stay below 0.05" in two
